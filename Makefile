@@ -1,0 +1,35 @@
+# Two commands do all the set-up: `make demo` and `make test`. Both build .venv when it is missing.
+PYTHON ?= python3
+VENV := .venv
+PY := $(VENV)/bin/python
+NPROC ?= 2
+export OMP_NUM_THREADS ?= 1
+
+.PHONY: venv test demo smoke-data clean
+
+$(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install -q -r requirements-test.txt
+	$(PY) -m pip install -q --no-deps -e .
+	touch $@
+
+venv: $(VENV)/.installed
+
+data/smoke/manifest.json: | venv
+	$(PY) -m shards synthetic --out data/smoke --classes 10 --train 200 --val 50 --test 50 --size 64 --shard-size 60
+
+smoke-data: data/smoke/manifest.json
+
+test: venv
+	$(PY) -m pytest -q
+
+data/demo/manifest.json: | venv
+	$(PY) -m shards synthetic --out data/demo --classes 20 --train 2000 --val 500 --test 500 --size 80 --shard-size 250
+
+demo: venv data/demo/manifest.json
+	$(PY) -m bgtrain.reproduce --table demo --shards data/demo --nproc $(NPROC) --out runs/demo
+	$(PY) -m bgtrain.explain overlay --checkpoint runs/demo/LL-R_BoostLU/checkpoints/best.pt \
+		--shards data/demo --split test --count 4 --classes top3 --out runs/demo/overlays
+
+clean:
+	rm -rf runs data/smoke data/demo

@@ -1,0 +1,1 @@
+"""Benchmarks: ``python -m bgtrain.bench {evaluate,loader,boostlu}``; each prints JSON lines."""

@@ -1,0 +1,100 @@
+"""Training engines: how a step runs on one or many devices (DDP, or DeepSpeed in engine_deepspeed).
+
+An engine owns the wrapped model, the optimizer, mixed precision and gradient accumulation. The train
+loop only calls ``engine.step(...)`` and ``engine.state_dict()``.
+"""
+from __future__ import annotations
+
+import contextlib
+from typing import Callable
+
+import torch
+from torch import nn
+from torch.nn.parallel import DistributedDataParallel
+
+from bgtrain.config import TrainConfig
+from bgtrain.distributed import WorldInfo
+from bgtrain.losses import LossOutput
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+def param_groups(model: nn.Module, lr: float, head_lr_mult: float) -> list[dict]:
+    """The paper's two learning rates: the trunk at lr, the 1x1 classifier at lr * head_lr_mult."""
+    return [{"params": model.trunk_parameters(), "lr": lr},
+            {"params": model.head_parameters(), "lr": lr * head_lr_mult}]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    return torch.optim.Adam(param_groups(model, cfg.optim.lr, cfg.optim.head_lr_mult),
+                            weight_decay=cfg.optim.weight_decay)
+
+
+class DDPEngine:
+    """DDP (NCCL on GPU, gloo on CPU) with autocast, a GradScaler for fp16, and ``no_sync`` accumulation."""
+
+    name = "ddp"
+
+    def __init__(self, cfg: TrainConfig, model: nn.Module, world: WorldInfo, device: torch.device) -> None:
+        self.cfg, self.world, self.device = cfg, world, device
+        if device.type == "cuda" and cfg.engine.tf32:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        if cfg.engine.sync_bn and world.world_size > 1:
+            model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
+        self.module = model.to(device)
+        self.optimizer = build_optimizer(self.module, cfg)
+        runner = torch.compile(self.module) if cfg.engine.compile else self.module  # compile before the wrap
+        self.model = (DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
+                      if world.world_size > 1 else runner)
+        self.dtype = DTYPES[cfg.engine.precision]
+        self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.engine.precision == "fp16")
+        self.micro_step = 0
+
+    def autocast(self) -> contextlib.AbstractContextManager:
+        return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
+
+    def step(self, images: torch.Tensor, loss_fn: Callable[[torch.Tensor], LossOutput]) -> LossOutput:
+        """Forward, loss, backward; an optimizer step every ``grad_accum`` micro-batches."""
+        accum = self.cfg.optim.grad_accum
+        self.micro_step += 1
+        boundary = self.micro_step % accum == 0
+        sync = contextlib.nullcontext() if boundary or self.world.world_size == 1 else self.model.no_sync()
+        with sync:
+            with self.autocast():
+                logits = self.model(images)
+            out = loss_fn(logits.float())
+            self.scaler.scale(out.loss / accum).backward()
+        if boundary:
+            if self.cfg.optim.grad_clip > 0:
+                self.scaler.unscale_(self.optimizer)
+                nn.utils.clip_grad_norm_(self.module.parameters(), self.cfg.optim.grad_clip)
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.optimizer.zero_grad(set_to_none=True)
+        return out
+
+    def eval_logits(self, images: torch.Tensor) -> torch.Tensor:
+        with torch.no_grad(), self.autocast():
+            return self.module(images).float()
+
+    def state_dict(self) -> dict:
+        return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),
+                "scaler": self.scaler.state_dict(), "micro_step": self.micro_step}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scaler.load_state_dict(state["scaler"])
+        self.micro_step = state["micro_step"]
+
+    def train(self, mode: bool = True) -> None:
+        self.module.train(mode)
+
+
+def build_engine(cfg: TrainConfig, model: nn.Module, world: WorldInfo, device: torch.device):
+    """The engine ``engine.engine`` names."""
+    if cfg.engine.engine == "deepspeed":
+        from bgtrain.engine_deepspeed import DeepSpeedEngine
+        return DeepSpeedEngine(cfg, model, world, device)
+    return DDPEngine(cfg, model, world, device)

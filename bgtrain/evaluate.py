@@ -1,0 +1,242 @@
+"""mAP and group-wise mAP, class-sharded across ranks.
+
+Each rank scores its own rows; :func:`sharded_average_precision` redistributes scores and signed
+labels with ``all_to_all`` so that rank r owns a contiguous block of classes (memory O(N*C/world)),
+computes AP for that block (on the GPU when the tensors are CUDA), and gathers the per-class APs on
+every rank. The AP math lives in :mod:`bgtrain.metrics`.
+
+Example::
+
+    torchrun --standalone --nproc_per_node=2 -m bgtrain.evaluate --checkpoint runs/oi/best.pt \\
+        --shards /data/openimages-shards --split test --alpha-eval 5 --out runs/oi/eval
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import math
+from pathlib import Path
+from typing import Sequence
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from bgtrain.metrics import (NO_POSITIVE_RULES, APResult, NoPositiveRule, ap_with_counts, average_precision,
+                             class_groups, group_map, mean_ap)
+
+__all__ = ["average_precision", "ap_with_counts", "mean_ap", "class_groups", "group_map", "class_blocks",
+           "sharded_average_precision", "sharded_ap_with_counts", "report", "print_report", "write_report"]
+
+GROUP_COUNT_KEYS = ("obs_pos", "obs_known", "full_pos", "full_known")
+
+
+def class_blocks(num_classes: int, world: int) -> list[tuple[int, int]]:
+    """Contiguous class block [start, stop) per rank; the first ``C % world`` ranks get one class more."""
+    sizes = [num_classes // world + (r < num_classes % world) for r in range(world)]
+    starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
+    return [(int(starts[r]), int(starts[r + 1])) for r in range(world)]
+
+
+def _as_tensor(x) -> torch.Tensor:
+    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
+
+
+def sharded_ap_with_counts(scores_local, labels_local, group=None) -> APResult:
+    """Per-class AP and counts from rows spread over ranks; every rank gets the full (C,) result."""
+    scores, labels = _as_tensor(scores_local), _as_tensor(labels_local)
+    if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
+        return ap_with_counts(scores, labels)
+    if scores.dim() != 2 or scores.shape != labels.shape:
+        raise ValueError(f"scores {tuple(scores.shape)} and labels {tuple(labels.shape)} must both be (N_r, C)")
+    world, rank = dist.get_world_size(group), dist.get_rank(group)
+    dev = scores.device
+    labels = labels.to(dev)
+    # Row counts, class counts and dtypes of every rank: ranks may hold different numbers of rows (even 0).
+    dtypes = [torch.float16, torch.bfloat16, torch.float32, torch.float64]
+    if scores.dtype not in dtypes:
+        raise ValueError(f"scores must be one of {dtypes}, got {scores.dtype}")
+    meta = torch.tensor([scores.shape[0], scores.shape[1], dtypes.index(scores.dtype)], dtype=torch.int64, device=dev)
+    metas = [torch.empty_like(meta) for _ in range(world)]
+    dist.all_gather(metas, meta, group=group)
+    metas = [m.tolist() for m in metas]
+    if len({(m[1], m[2]) for m in metas}) != 1:
+        raise ValueError(f"ranks disagree on (num_classes, score dtype): {[(m[1], dtypes[m[2]]) for m in metas]}")
+    num_classes = metas[0][1]
+    blocks = class_blocks(num_classes, world)
+    c0, c1 = blocks[rank]
+    # Redistribute: rank r sends rows x block d to rank d and receives all rows of its own block.
+    # gloo and nccl both implement list all_to_all with uneven sizes (checked on gloo, torch 2.14).
+    recv_scores = [torch.empty((m[0], c1 - c0), dtype=scores.dtype, device=dev) for m in metas]
+    recv_labels = [torch.empty((m[0], c1 - c0), dtype=torch.int8, device=dev) for m in metas]
+    dist.all_to_all(recv_scores, [scores[:, a:b].contiguous() for a, b in blocks], group=group)
+    dist.all_to_all(recv_labels, [labels[:, a:b].contiguous() for a, b in blocks], group=group)
+    del scores, labels
+    block = ap_with_counts(torch.cat(recv_scores), torch.cat(recv_labels))
+    del recv_scores, recv_labels
+    # Gather per-class results: pad to the largest block because all_gather needs equal sizes.
+    width = blocks[0][1] - blocks[0][0]
+    packed = torch.zeros((3, width), dtype=torch.float64, device=dev)
+    packed[0, : c1 - c0] = block.ap
+    packed[1, : c1 - c0] = block.n_pos.double()  # exact: counts < 2**53
+    packed[2, : c1 - c0] = block.n_known.double()
+    gathered = [torch.empty_like(packed) for _ in range(world)]
+    dist.all_gather(gathered, packed, group=group)
+    full = torch.cat([g[:, : b - a] for g, (a, b) in zip(gathered, blocks)], dim=1)
+    return APResult(ap=full[0], n_pos=full[1].long(), n_known=full[2].long())
+
+
+def sharded_average_precision(scores_local, labels_local, group=None) -> torch.Tensor:
+    """Per-class AP (C,) float64 on every rank, identical to :func:`average_precision` on all rows."""
+    return sharded_ap_with_counts(scores_local, labels_local, group).ap
+
+
+def _train_counts(manifest: dict, count_key: str) -> np.ndarray:
+    counts = manifest.get("train_counts")
+    if not isinstance(counts, dict):
+        raise ValueError("manifest has no 'train_counts' section; rebuild the shards with the current shard builder")
+    base = count_key.split("_")[0]
+    try:
+        if count_key.endswith("_known"):
+            return np.asarray(counts[f"{base}_pos"], np.int64) + np.asarray(counts[f"{base}_neg"], np.int64)
+        return np.asarray(counts[count_key], np.int64)
+    except KeyError as e:
+        raise ValueError(f"manifest train_counts lacks {e.args[0]!r} (needed for group counts {count_key!r})") from e
+
+
+def report(aps, manifest: dict, num_groups: int = 5, no_positive: NoPositiveRule = "zero",
+           positives_per_class=None, count_key: str = "obs_pos") -> dict:
+    """Group-wise mAP result (JSON-ready) from per-class APs and the shard manifest.
+
+    Groups follow Durand: classes sorted ascending by their training count ``count_key`` (default
+    ``obs_pos``: observed positive annotations; ``obs_known`` adds verified negatives), cut by
+    ``np.array_split`` into ``num_groups`` groups, G1 rarest.
+    """
+    if count_key not in GROUP_COUNT_KEYS:
+        raise ValueError(f"count_key must be one of {GROUP_COUNT_KEYS}, got {count_key!r}")
+    aps = np.asarray(aps.cpu() if isinstance(aps, torch.Tensor) else aps, np.float64)
+    classes = manifest.get("classes", [])
+    if len(classes) != aps.size:
+        raise ValueError(f"manifest lists {len(classes)} classes but {aps.size} APs were computed")
+    counts = _train_counts(manifest, count_key)
+    result = group_map(aps, counts, num_groups, no_positive, positives_per_class)
+    per_class = [{"id": i, "name": classes[i], "ap": None if math.isnan(a) else float(a),
+                  "train_count": int(counts[i])} for i, a in enumerate(aps.tolist())]
+    return {"dataset": manifest.get("dataset"), "num_classes": int(aps.size), "no_positive": no_positive,
+            "group_count_key": count_key, "group_cut": "np.array_split of the ascending stable sort",
+            "groups": result["groups"], "all": result["all"], "per_class": per_class}
+
+
+def print_report(result: dict) -> None:
+    """Print the group-wise mAP table with rich."""
+    from rich.console import Console
+    from rich.table import Table
+
+    table = Table(title=f"mAP ({result.get('dataset')}, no-positive rule: {result['no_positive']}, "
+                        f"groups by {result['group_count_key']})")
+    for col in ("group", "mAP", "classes", "used", "no positive", "no known", "train count"):
+        table.add_column(col, justify="right")
+    rows = [*result["groups"], {"group": "All", **result["all"]}]
+    for row in rows:
+        span = f"{row['train_count_min']}..{row['train_count_max']}" if "train_count_min" in row else ""
+        table.add_row(row["group"], f"{row['map']:.2f}", str(row["n_classes"]), str(row["n_classes_used"]),
+                      str(row["n_no_positive"]), str(row["n_no_known"]), span)
+    Console().print(table)
+
+
+def _json_safe(value):
+    """NaN (e.g. a group whose classes were all skipped) becomes null: strict JSON has no NaN."""
+    if isinstance(value, float) and math.isnan(value):
+        return None
+    if isinstance(value, dict):
+        return {k: _json_safe(v) for k, v in value.items()}
+    if isinstance(value, (list, tuple)):
+        return [_json_safe(v) for v in value]
+    return value
+
+
+def write_report(result: dict, out_dir: str | Path, name: str = "map.json") -> Path:
+    """Write the report JSON (NaN as null) and return its path."""
+    path = Path(out_dir) / name
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(_json_safe(result), indent=1, allow_nan=False))
+    tmp.replace(path)
+    return path
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """CLI of ``torchrun -m bgtrain.evaluate``."""
+    p = argparse.ArgumentParser(
+        prog="torchrun -m bgtrain.evaluate", description=__doc__.split("\n\n")[0],
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+        epilog="example:\n  torchrun --standalone --nproc_per_node=2 -m bgtrain.evaluate "
+               "--checkpoint runs/oi/best.pt --shards /data/oi-shards --split test --out runs/oi/eval")
+    p.add_argument("--checkpoint", required=True, help="checkpoint file written by bgtrain.train")
+    p.add_argument("--shards", required=True, help="shard folder with manifest.json")
+    p.add_argument("--split", default="test", choices=["train", "val", "test"])
+    p.add_argument("--alpha-eval", type=float, default=None, help="BoostLU alpha at inference (default: checkpoint's)")
+    p.add_argument("--no-positive", default="zero", choices=NO_POSITIVE_RULES,
+                   help="class with no positive: 'zero' keeps AP 0 in the mean (reference), 'skip' leaves it out")
+    p.add_argument("--groups", type=int, default=5, help="number of Durand groups (5 for OpenImages)")
+    p.add_argument("--group-counts", default="obs_pos", choices=GROUP_COUNT_KEYS,
+                   help="manifest train_counts used to order classes into groups")
+    p.add_argument("--out", default=None, help="folder for map.json (default: next to the checkpoint)")
+    return p
+
+
+# --------------------------------------------------------------------------------------------------
+# Model side, to be wired by the lead. UNVERIFIED: written against the assumed APIs
+# bgtrain.checkpoint.load_model_for_eval(path) -> (model, meta) and
+# bgtrain.data.build_loader(cfg.data, split=..., rank=..., world=...) yielding dicts with "image",
+# "labels" (int8 (B, C)) and "valid" (bool (B,)).
+# --------------------------------------------------------------------------------------------------
+@torch.no_grad()
+def score_split(model, loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sigmoid scores and labels of this rank's rows (padding rows dropped by ``valid``)."""
+    scores, labels = [], []
+    model.eval()
+    for batch in loader:
+        keep = batch["valid"].to(device)
+        logits = model(batch["image"].to(device, non_blocking=True))
+        scores.append(torch.sigmoid(logits.float())[keep])
+        labels.append(batch["labels"].to(device)[keep])
+    if not scores:
+        raise RuntimeError("the loader yielded no batch on this rank")
+    return torch.cat(scores), torch.cat(labels)
+
+
+def main(argv: Sequence[str] | None = None) -> dict | None:
+    """Score a checkpoint on a split, shard AP by class over ranks, print and write the group table."""
+    args = build_parser().parse_args(argv)
+    from bgtrain.checkpoint import load_model_for_eval  # noqa: PLC0415 (model side, lead-owned)
+    from bgtrain.data import build_loader  # noqa: PLC0415
+
+    world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
+    if world > 1 and not dist.is_initialized():
+        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
+    rank = dist.get_rank() if dist.is_initialized() else 0
+    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
+    model, meta = load_model_for_eval(args.checkpoint)
+    if args.alpha_eval is not None:
+        model.alpha = args.alpha_eval
+    cfg = meta["config"]
+    cfg.data.shards = args.shards
+    loader = build_loader(cfg.data, split=args.split, rank=rank, world=world)
+    scores, labels = score_split(model.to(device), loader, device)
+    res = sharded_ap_with_counts(scores, labels)
+    manifest = json.loads((Path(args.shards) / "manifest.json").read_text())
+    result = None
+    if rank == 0:
+        result = report(res.ap, manifest, args.groups, args.no_positive, res.n_pos, args.group_counts)
+        result.update(checkpoint=str(args.checkpoint), split=args.split, alpha_eval=args.alpha_eval)
+        print_report(result)
+        path = write_report(result, args.out or Path(args.checkpoint).parent, f"map_{args.split}.json")
+        print(f"wrote {path}")
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    return result
+
+
+if __name__ == "__main__":
+    main()

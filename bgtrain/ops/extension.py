@@ -1,0 +1,165 @@
+"""Build and load the BoostLU C++/CUDA extensions with torch.utils.cpp_extension (JIT, cached on disk).
+
+Two separate extensions keep nvcc off the CPU path: ``bgtrain_boostlu_cpu`` (one C++ file, ~30 s to build once) and
+``bgtrain_boostlu_cuda`` (a .cu file plus its bindings, a few minutes on 2 cores for two archs).
+
+The cache folder is ``$BGTRAIN_OPS_CACHE`` or ``~/.cache/bgtrain/ops``; each build goes to a sub-folder named after
+the torch version and, for CUDA, the arch list, so builds for different GPUs or torch versions never overwrite each
+other. torch's own file lock makes concurrent ranks wait for one build instead of racing.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from dataclasses import dataclass
+from pathlib import Path
+from types import ModuleType
+
+import torch
+
+CSRC = Path(__file__).resolve().parent / "csrc"
+CPU_SOURCES = ("boostlu_cpu.cpp",)
+CUDA_SOURCES = ("boostlu_cuda_bind.cpp", "boostlu_cuda.cu")
+DEFAULT_ARCHS = "8.0;9.0"  # A100 and H100/H200, used when no GPU is visible to pick the arch from
+
+
+@dataclass(frozen=True)
+class BuildInfo:
+    """Where an extension was built and for which target (CUDA archs, or "cpu")."""
+
+    name: str
+    path: Path
+    archs: str
+
+
+def cache_root() -> Path:
+    """Root of the extension build cache: $BGTRAIN_OPS_CACHE or ~/.cache/bgtrain/ops."""
+    env = os.environ.get("BGTRAIN_OPS_CACHE")
+    return Path(env).expanduser() if env else Path.home() / ".cache" / "bgtrain" / "ops"
+
+
+def _torch_tag() -> str:
+    return re.sub(r"[^A-Za-z0-9.]+", "_", f"torch{torch.__version__}")
+
+
+def resolve_archs(archs: str | None = None) -> str:
+    """Arch list to build for: the argument, else $TORCH_CUDA_ARCH_LIST, else the visible GPUs, else 8.0;9.0."""
+    chosen = archs or os.environ.get("TORCH_CUDA_ARCH_LIST")
+    if not chosen and torch.cuda.is_available():
+        caps = sorted({torch.cuda.get_device_capability(i) for i in range(torch.cuda.device_count())})
+        chosen = ";".join(f"{major}.{minor}" for major, minor in caps)
+    chosen = chosen or DEFAULT_ARCHS
+    parts = [p for p in re.split(r"[;\s,]+", chosen.strip()) if p]
+    for part in parts:
+        if not re.fullmatch(r"\d+\.\d+a?(\+PTX)?", part):
+            raise ValueError(f"bad CUDA arch {part!r} in {chosen!r} (from --arch or TORCH_CUDA_ARCH_LIST); "
+                             "expected e.g. '8.0;9.0' or '9.0+PTX'")
+    return ";".join(parts)
+
+
+def gencode_flags(archs: str) -> list[str]:
+    """nvcc -gencode flags for an arch list such as '8.0;9.0+PTX'."""
+    flags = []
+    for part in archs.split(";"):
+        ptx = part.endswith("+PTX")
+        num = part.removesuffix("+PTX").replace(".", "")
+        flags.append(f"-gencode=arch=compute_{num},code=sm_{num}")
+        if ptx:
+            flags.append(f"-gencode=arch=compute_{num},code=compute_{num}")
+    return flags
+
+
+def find_cuda_home() -> str:
+    """CUDA toolkit root: $CUDA_HOME/$CUDA_PATH, else the folder above nvcc's real path, else /usr/local/cuda."""
+    for var in ("CUDA_HOME", "CUDA_PATH"):
+        if os.environ.get(var):
+            return os.environ[var]
+    candidates = []
+    nvcc = shutil.which("nvcc")
+    if nvcc:  # nvcc on PATH may be a wrapper script (e.g. /usr/local/bin/nvcc), so also try /usr/local/cuda
+        candidates.append(Path(nvcc).resolve().parent.parent)
+    candidates.append(Path("/usr/local/cuda"))
+    for cand in candidates:
+        if (cand / "include" / "cuda_runtime.h").exists() and (cand / "bin" / "nvcc").exists():
+            return str(cand)
+    raise RuntimeError("no CUDA toolkit found for the BoostLU CUDA extension: set CUDA_HOME to the toolkit root "
+                       "(the folder holding bin/nvcc and include/cuda_runtime.h), e.g. CUDA_HOME=/usr/local/cuda")
+
+
+def _load(name: str, sources: tuple[str, ...], build_dir: Path, cuda_flags: list[str] | None,
+          verbose: bool) -> ModuleType:
+    from torch.utils import cpp_extension
+
+    build_dir.mkdir(parents=True, exist_ok=True)
+    kwargs = {}
+    if cuda_flags is not None:
+        # cpp_extension reads CUDA_HOME once at import and guesses wrong when nvcc is a wrapper; set it for the build.
+        cpp_extension.CUDA_HOME = find_cuda_home()
+        kwargs["extra_cuda_cflags"] = ["-O3", "--use_fast_math", *cuda_flags]
+    return cpp_extension.load(
+        name=name,
+        sources=[str(CSRC / s) for s in sources],
+        extra_cflags=["-O3"],
+        extra_include_paths=[str(CSRC)],
+        build_directory=str(build_dir),
+        with_cuda=cuda_flags is not None,
+        is_python_module=True,
+        verbose=verbose,
+        **kwargs,
+    )
+
+
+def load_cpu(verbose: bool = False) -> ModuleType:
+    """Build (first time) and import the CPU extension."""
+    return _load_cpu_cached(verbose)
+
+
+_CPU_MODULE: list[ModuleType] = []
+
+
+def _load_cpu_cached(verbose: bool) -> ModuleType:
+    if not _CPU_MODULE:
+        _CPU_MODULE.append(_load("bgtrain_boostlu_cpu", CPU_SOURCES, cpu_build_dir(), None, verbose))
+    return _CPU_MODULE[0]
+
+
+def load_cuda(archs: str | None = None, verbose: bool = False) -> ModuleType:
+    """Build (first time) and import the CUDA extension for the given arch list (see resolve_archs)."""
+    resolved = resolve_archs(archs)
+    if resolved not in _CUDA_MODULES:
+        _CUDA_MODULES[resolved] = build_cuda(resolved, cuda_build_dir(resolved), verbose)
+    return _CUDA_MODULES[resolved]
+
+
+_CUDA_MODULES: dict[str, ModuleType] = {}
+
+
+def build_cuda(archs: str, build_dir: Path, verbose: bool = False) -> ModuleType:
+    """Compile and link the CUDA extension for `archs` into `build_dir` and import it (no GPU needed to build)."""
+    name = "bgtrain_boostlu_cuda_sm" + _arch_tag(archs)  # one module name per arch set: both can live in a process
+    return _load(name, CUDA_SOURCES, build_dir, gencode_flags(archs), verbose)
+
+
+def _arch_tag(archs: str) -> str:
+    return archs.replace(";", "_").replace(".", "").replace("+", "")
+
+
+def cpu_build_dir(root: Path | None = None) -> Path:
+    """Build folder of the CPU extension."""
+    return (root or cache_root()) / f"cpu-{_torch_tag()}"
+
+
+def cuda_build_dir(archs: str, root: Path | None = None) -> Path:
+    """Build folder of the CUDA extension for an arch list."""
+    return (root or cache_root()) / f"cuda-sm{_arch_tag(archs)}-{_torch_tag()}-cu{torch.version.cuda}"
+
+
+def build(archs: str | None = None, cpu_only: bool = False, verbose: bool = False) -> list[BuildInfo]:
+    """Build the CPU extension and, unless cpu_only, the CUDA one now; return where they went."""
+    infos = [BuildInfo("bgtrain_boostlu_cpu", Path(load_cpu(verbose).__file__), "cpu")]
+    if not cpu_only:
+        resolved = resolve_archs(archs)
+        module = load_cuda(resolved, verbose)
+        infos.append(BuildInfo(module.__name__, Path(module.__file__), resolved))
+    return infos

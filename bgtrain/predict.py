@@ -1,0 +1,21 @@
+"""Scores of a model on one rank's share of a split (padding and corrupt samples dropped)."""
+from __future__ import annotations
+
+from typing import Callable, Iterable
+
+import torch
+
+from bgtrain.data import Batch
+
+
+def predict(logits_fn: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[Batch]) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scores (N, C) float32, labels (N, C) int8) over the valid samples of ``batches``."""
+    scores, labels = [], []
+    with torch.no_grad():
+        for batch in batches:
+            keep = batch.valid
+            scores.append(torch.sigmoid(logits_fn(batch.image)[keep].float()))
+            labels.append(batch.labels[keep])
+    if not scores:
+        raise ValueError("no batches to score")
+    return torch.cat(scores), torch.cat(labels)

@@ -1,0 +1,150 @@
+"""``python -m shards``: build, merge, verify, inspect and benchmark WebDataset shards."""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from shards.readers import DATASETS
+
+EXAMPLES = """examples:
+  python -m shards build voc --src data/raw/voc --out data/shards/voc --workers 8
+  python -m shards build openimages --src data/raw/oi --images /scratch/oi/images --out data/shards/oi --part 3 --parts 64
+  python -m shards merge data/shards/oi --workers 8
+  python -m shards verify data/shards/voc
+  python -m shards stats data/shards/voc
+  python -m shards bench --images data/raw/voc/VOCdevkit/VOC2012/JPEGImages --limit 500 --workers 2
+  python -m shards synthetic --out data/smoke --classes 10 --train 200 --val 50 --test 50 --size 64
+"""
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m shards", description=__doc__, epilog=EXAMPLES,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = p.add_subparsers(dest="command", required=True)
+
+    b = sub.add_parser("build", help="raw dataset -> shards + manifest", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Read a dataset in its published layout, decode-check every image and write "
+                                   "pre-shuffled tar shards, DALI indexes, index/{split}.jsonl, rejected.jsonl, "
+                                   "missing.jsonl, problems.jsonl and manifest.json. Re-running resumes.")
+    b.add_argument("dataset", choices=DATASETS)
+    b.add_argument("--src", type=Path, required=True, help="raw dataset folder in its published layout")
+    b.add_argument("--out", type=Path, required=True, help="output shard folder")
+    b.add_argument("--images", type=Path, help="image root (nuswide, openimages, csv), if not under --src")
+    b.add_argument("--classes", type=Path, help="csv: class names file (default SRC/classes.txt)")
+    b.add_argument("--rest", choices=("unknown", "negative"), default="unknown",
+                   help="csv: value of classes a row does not list (default unknown)")
+    b.add_argument("--max-side", type=int, default=512, help="shrink longer side to this; 0 keeps size (default 512)")
+    b.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
+    b.add_argument("--shard-size", type=int, default=2000, help="samples per tar (default 2000)")
+    b.add_argument("--workers", type=int, default=os.cpu_count() or 1, help="decoding processes (default: all cores)")
+    b.add_argument("--seed", type=int, default=1200, help="COLE seed of split/single positive and shard order")
+    b.add_argument("--part", type=int, default=0, help="array builds: this part, 0-based (default 0)")
+    b.add_argument("--parts", type=int, default=1, help="array builds: number of parts; then run merge (default 1)")
+    b.add_argument("--dry-run", action="store_true", help="read annotations and stat files only; write nothing")
+
+    m = sub.add_parser("merge", help="merge the parts of an array build", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    m.add_argument("out", type=Path, help="the --out folder the parts were built into")
+    m.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+
+    v = sub.add_parser("verify", help="re-hash, decode and count everything", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    v.add_argument("out", type=Path)
+    v.add_argument("--no-decode", action="store_true", help="skip decoding the JPEGs (hashes and counts only)")
+
+    s = sub.add_parser("stats", help="print the split and class tables", epilog=EXAMPLES,
+                       formatter_class=argparse.RawDescriptionHelpFormatter)
+    s.add_argument("out", type=Path)
+    s.add_argument("--top", type=int, default=15, help="rarest and commonest classes shown (default 15); 0: all")
+
+    be = sub.add_parser("bench", help="builder img/s per core vs a plain PIL loop", epilog=EXAMPLES,
+                        formatter_class=argparse.RawDescriptionHelpFormatter)
+    be.add_argument("--images", type=Path, required=True, help="folder of images (searched recursively)")
+    be.add_argument("--max-side", type=int, default=512)
+    be.add_argument("--quality", type=int, default=90)
+    be.add_argument("--workers", type=int, default=1, help="builder processes (default 1)")
+    be.add_argument("--repeat", type=int, default=1, help="runs per side; the best is kept (default 1)")
+    be.add_argument("--limit", type=int, help="use at most this many images")
+
+    sub.add_parser("synthetic", help="generate a synthetic dataset (see python -m shards synthetic --help)",
+                   add_help=False)
+    return p
+
+
+def _build(args: argparse.Namespace) -> int:
+    from rich.console import Console
+
+    from shards.build import BuildOptions, build, dry_run
+    from shards.merge import part_dir
+    from shards.readers import get_reader
+
+    console = Console(stderr=True)
+    for name in ("max_side", "quality", "shard_size", "workers", "parts"):
+        if getattr(args, name) < (0 if name == "max_side" else 1):
+            raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+    if not args.src.exists():
+        raise SystemExit(f"--src {args.src}: no such folder")
+    data = get_reader(args.dataset)(args.src, seed=args.seed, images=args.images, classes=args.classes,
+                                    rest=args.rest)
+    opts = BuildOptions(args.max_side or None, args.quality, args.shard_size, args.seed, args.part, args.parts)
+    problems = data.problems.summary()
+    if problems:
+        console.print(f"[yellow]annotation problems[/]: {problems}")
+        for ex in data.problems.examples[:10]:
+            console.print(f"  {ex['kind']}: {ex['where']}: {ex['detail']}")
+    if args.dry_run:
+        print(json.dumps({"dataset": data.name, "classes": len(data.classes), "annotation_problems": problems,
+                          "splits": dry_run(data, opts)}, indent=1))
+        return 0
+    out = part_dir(args.out, args.part) if args.parts > 1 else args.out
+    build_args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
+                  if k not in ("command", "workers", "dry_run")}
+    m = build(data, out, opts, workers=args.workers, build_args=build_args)
+    for split, c in m["inputs"].items():
+        console.print(f"{split:>5}: {c['written']:,} written, {c['rejected']:,} rejected, {c['missing']:,} missing "
+                      f"of {c['inputs']:,} ({c['reencoded']:,} re-encoded)")
+    console.print(f"wrote {out}/manifest.json; reasons in rejected.jsonl, missing.jsonl, problems.jsonl")
+    if args.parts > 1:
+        console.print(f"part {args.part} of {args.parts} done; when all are, run: python -m shards merge {args.out}")
+    return 0
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Dispatch a subcommand; returns the exit code."""
+    argv = sys.argv[1:] if argv is None else argv
+    if argv[:1] == ["synthetic"]:  # its own parser and --help
+        from shards.synthetic import main as synthetic_main
+        synthetic_main(argv[1:])
+        return 0
+    args = _parser().parse_args(argv)
+    if args.command == "build":
+        return _build(args)
+    if args.command == "merge":
+        from shards.merge import merge
+        m = merge(args.out, args.workers)
+        print(json.dumps({s: i["num_samples"] for s, i in m["splits"].items()}))
+        return 0
+    if args.command == "verify":
+        from shards.verify import verify
+        errors = verify(args.out, decode=not args.no_decode)
+        for e in errors[:50]:
+            print(e)
+        print(f"{len(errors)} problems" if errors else f"{args.out}: OK")
+        return 1 if errors else 0
+    if args.command == "stats":
+        from shards.stats import show
+        show(args.out, args.top or None)
+        return 0
+    if args.command == "bench":
+        from shards.bench import main as bench_main
+        bench_main(args)
+        return 0
+    return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
