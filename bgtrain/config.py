@@ -206,17 +206,35 @@ def parse_overrides(overrides: list[str]) -> list[tuple[str, Any]]:
     return parsed
 
 
+def _merge(base: dict, top: dict) -> dict:
+    out = dict(base)
+    for key, value in top.items():
+        out[key] = _merge(out[key], value) if isinstance(value, dict) and isinstance(out.get(key), dict) else value
+    return out
+
+
+def read_yaml_tree(path: str | Path, _seen: tuple = ()) -> dict:
+    """A config file as a dict; ``base: other.yaml`` (relative to the file) is merged underneath it."""
+    path = Path(path)
+    if not path.is_file():
+        raise ConfigError(f"{path}: config file not found")
+    if path.resolve() in _seen:
+        raise ConfigError(f"{path}: 'base' includes itself")
+    try:
+        tree = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    if not isinstance(tree, dict):
+        raise ConfigError(f"{path}: expected a mapping at the top level")
+    base = tree.pop("base", None)
+    if base is not None:
+        tree = _merge(read_yaml_tree(path.parent / base, _seen + (path.resolve(),)), tree)
+    return tree
+
+
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
     """Load, override and validate a config; raises ConfigError naming the file and key on any problem."""
-    tree: dict = {}
-    if path is not None:
-        path = Path(path)
-        if not path.is_file():
-            raise ConfigError(f"{path}: config file not found")
-        try:
-            tree = yaml.safe_load(path.read_text()) or {}
-        except yaml.YAMLError as e:
-            raise ConfigError(f"{path}: not valid YAML: {e}") from None
+    tree: dict = read_yaml_tree(path) if path is not None else {}
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value)
     try:

@@ -42,6 +42,20 @@ def _as_tensor(x) -> torch.Tensor:
     return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
 
 
+def _exchange(send: list[torch.Tensor], recv_shapes: list[tuple[int, int]], group) -> torch.Tensor:
+    """All-to-all of 2-D pieces of different sizes; returns the received pieces stacked by rows.
+
+    gloo's list ``all_to_all`` requires equal sizes (checked, torch 2.14), so pieces travel flattened
+    through ``all_to_all_single`` with split sizes, which gloo and nccl both accept uneven and empty.
+    """
+    flat = torch.cat([t.reshape(-1) for t in send])
+    out_splits = [r * c for r, c in recv_shapes]
+    out = torch.empty(sum(out_splits), dtype=flat.dtype, device=flat.device)
+    dist.all_to_all_single(out, flat, out_splits, [t.numel() for t in send], group=group)
+    del flat
+    return torch.cat([p.view(shape) for p, shape in zip(out.split(out_splits), recv_shapes)])
+
+
 def sharded_ap_with_counts(scores_local, labels_local, group=None) -> APResult:
     """Per-class AP and counts from rows spread over ranks; every rank gets the full (C,) result."""
     scores, labels = _as_tensor(scores_local), _as_tensor(labels_local)
@@ -66,13 +80,11 @@ def sharded_ap_with_counts(scores_local, labels_local, group=None) -> APResult:
     blocks = class_blocks(num_classes, world)
     c0, c1 = blocks[rank]
     # Redistribute: rank r sends rows x block d to rank d and receives all rows of its own block.
-    # gloo and nccl both implement list all_to_all with uneven sizes (checked on gloo, torch 2.14).
-    recv_scores = [torch.empty((m[0], c1 - c0), dtype=scores.dtype, device=dev) for m in metas]
-    recv_labels = [torch.empty((m[0], c1 - c0), dtype=torch.int8, device=dev) for m in metas]
-    dist.all_to_all(recv_scores, [scores[:, a:b].contiguous() for a, b in blocks], group=group)
-    dist.all_to_all(recv_labels, [labels[:, a:b].contiguous() for a, b in blocks], group=group)
+    recv_shapes = [(m[0], c1 - c0) for m in metas]
+    recv_scores = _exchange([scores[:, a:b] for a, b in blocks], recv_shapes, group)
+    recv_labels = _exchange([labels[:, a:b] for a, b in blocks], recv_shapes, group)
     del scores, labels
-    block = ap_with_counts(torch.cat(recv_scores), torch.cat(recv_labels))
+    block = ap_with_counts(recv_scores, recv_labels)
     del recv_scores, recv_labels
     # Gather per-class results: pad to the largest block because all_gather needs equal sizes.
     width = blocks[0][1] - blocks[0][0]

@@ -86,6 +86,7 @@ def merge(out: Path, workers: int = 1) -> dict:
         splits[split] = {"shards": [], "rest": first["splits"][split]["rest"]}
 
     done = out / ".done" / "merge.json"
+    done.parent.mkdir(parents=True, exist_ok=True)
     finished = json.loads(done.read_text()) if done.is_file() else {}
     todo = [t for t in tasks if not (Path(t[1]).is_file() and Path(t[1]).with_suffix(".idx").is_file()
                                      and t[1] in finished)]

@@ -96,7 +96,7 @@ def _load(name: str, sources: tuple[str, ...], build_dir: Path, cuda_flags: list
     if cuda_flags is not None:
         # cpp_extension reads CUDA_HOME once at import and guesses wrong when nvcc is a wrapper; set it for the build.
         cpp_extension.CUDA_HOME = find_cuda_home()
-        kwargs["extra_cuda_cflags"] = ["-O3", "--use_fast_math", *cuda_flags]
+        kwargs["extra_cuda_cflags"] = ["-O3", *cuda_flags]  # no fast-math: keep IEEE division for exact rounding
     return cpp_extension.load(
         name=name,
         sources=[str(CSRC / s) for s in sources],

@@ -4,7 +4,8 @@
 //   boostlu(x)          = x > 0 ? round(x * alpha) : x            (strict x > 0)
 //   boostlu_pool(cam)   = round(sum_hw boostlu(cam) / HW)         (accumulated in fp32, fp64 for double)
 //   d boostlu_pool      = g_s = round(g / HW);  grad_cam = cam > 0 ? round(g_s * alpha) : g_s
-// where round() is the cast to the tensor dtype, as in the reference's eager autograd.
+// where round() is the cast to the tensor dtype, as in the reference's eager autograd. The CUDA kernels divide by
+// HW as torch's CUDA kernels do (multiply by the fp32 reciprocal), the CPU kernels as torch's CPU ones (divide).
 //
 // Sign mask layout (int32 words, bit i of a word = lane i), chosen so that each warp writes one word:
 //   contiguous (B,C,H,W):     planes of HW, word[(b*C + c) * ceil(HW/32) + hw/32], bit hw%32

@@ -70,13 +70,14 @@ __global__ void pool_fwd_nchw(const scalar_t* __restrict__ cam, scalar_t* __rest
     }
   }
   acc = warp_sum(acc);
-  if (lane == 0) out[plane] = static_cast<scalar_t>(acc / static_cast<acc_t>(hw));
+  if (lane == 0) out[plane] = static_cast<scalar_t>(acc * (acc_t(1) / static_cast<acc_t>(hw)));
 }
 
 template <typename scalar_t, typename acc_t>
 __device__ __forceinline__ void grad_pair(scalar_t g, int hw, acc_t alpha, scalar_t& plain, scalar_t& boost) {
   // The reference's mean backward rounds g / HW to the dtype, then the where/mul backward rounds g_s * alpha.
-  plain = static_cast<scalar_t>(static_cast<acc_t>(g) / static_cast<acc_t>(hw));
+  // torch's CUDA kernels divide by a scalar as a multiply by its reciprocal; do the same to round identically.
+  plain = static_cast<scalar_t>(static_cast<acc_t>(g) * (acc_t(1) / static_cast<acc_t>(hw)));
   boost = static_cast<scalar_t>(static_cast<acc_t>(plain) * alpha);
 }
 
@@ -122,7 +123,7 @@ __global__ void pool_fwd_nhwc(const scalar_t* __restrict__ cam, scalar_t* __rest
   if (row == 0) {
 #pragma unroll
     for (int r = 1; r < kRowsPerBlock; ++r) acc += partial[r][lane];
-    if (valid) out[b * C + c] = static_cast<scalar_t>(acc / static_cast<acc_t>(hw));
+    if (valid) out[b * C + c] = static_cast<scalar_t>(acc * (acc_t(1) / static_cast<acc_t>(hw)));
   }
 }
 

@@ -1,0 +1,26 @@
+"""Shared fixtures: small synthetic shards built with the real CLI code."""
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def smoke_shards(tmp_path_factory) -> Path:
+    """The smoke dataset of configs/smoke.yaml, with uneven shards (60, 60, 60, 20 training samples)."""
+    from shards.synthetic import build
+    out = tmp_path_factory.mktemp("smoke")
+    build(out, num_classes=10, n_train=200, n_val=50, n_test=50, size=64, seed=0, shard_size=60)
+    return out
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
