@@ -200,7 +200,8 @@ SlurmUser=root
 SlurmdUser=root
 AuthType=auth/munge
 CredType=cred/munge
-AuthInfo=socket={d}/munge/munge.sock
+# cred_expire also delays a requeued job's restart (default 120 s); short is fine on one machine.
+AuthInfo=socket={d}/munge/munge.sock,cred_expire=10
 StateSaveLocation={d}/state
 SlurmdSpoolDir={d}/spool/%n
 SlurmctldPidFile={d}/run/slurmctld.pid
@@ -227,6 +228,9 @@ InactiveLimit=0
 KillWait=5
 Waittime=0
 MinJobAge={spec.min_job_age}
+# Job ids start from the clock, so a restarted cluster does not reuse runs/slurm/<job id> folders
+# (and resume someone else's checkpoints).
+FirstJobId={int(time.time()) % 60_000_000 + 1}
 NodeName={spec.prefix}[1-{spec.nodes}] NodeHostname={host} NodeAddr=127.0.0.1 \
 Port=[{spec.port + 1}-{spec.port + spec.nodes}] CPUs={spec.cpus} RealMemory={_memory_mb(spec)} State=UNKNOWN
 PartitionName=debug Nodes=ALL Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO

@@ -320,7 +320,7 @@ def run(args: argparse.Namespace) -> int:
     if world.rank == 0 or failed:
         print_table(world, checks)
     if failed:
-        console.print(f"[red]preflight FAILED:[/] " + "; ".join(f"rank {c.rank} {c.name}: {c.detail}"
+        console.print("[red]preflight FAILED:[/] " + "; ".join(f"rank {c.rank} {c.name}: {c.detail}"
                                                                   for c in failed))
         return 1
     if world.rank == 0:

@@ -43,10 +43,14 @@ class BuildOptions:
 
 
 class RateColumn(ProgressColumn):
-    """Images per second of a task."""
+    """Items per second of a task (images, or shards for the merge)."""
+
+    def __init__(self, unit: str = "img") -> None:
+        super().__init__()
+        self.unit = unit
 
     def render(self, task) -> str:  # type: ignore[override]
-        return f"{task.speed or 0:,.0f} img/s"
+        return f"{task.speed or 0:,.0f} {self.unit}/s"
 
 
 def shuffled(records: list[Record], split: str, seed: int) -> list[Record]:
@@ -202,9 +206,9 @@ class SplitBuilder:
         return {"shards": shards, "written": written, "rejected": rejected, "missing": missing, "counts": counts}
 
 
-def progress_bar(disable: bool = False) -> Progress:
+def progress_bar(disable: bool = False, unit: str = "img") -> Progress:
     """The build's rich progress bar, with img/s."""
-    return Progress(TextColumn("[bold]{task.description:>6}"), BarColumn(), MofNCompleteColumn(), RateColumn(),
+    return Progress(TextColumn("[bold]{task.description:>6}"), BarColumn(), MofNCompleteColumn(), RateColumn(unit),
                     TimeRemainingColumn(), console=console, disable=disable)
 
 

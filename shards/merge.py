@@ -90,7 +90,7 @@ def merge(out: Path, workers: int = 1) -> dict:
     finished = json.loads(done.read_text()) if done.is_file() else {}
     todo = [t for t in tasks if not (Path(t[1]).is_file() and Path(t[1]).with_suffix(".idx").is_file()
                                      and t[1] in finished)]
-    with progress_bar() as progress:
+    with progress_bar(unit="shard") as progress:
         bar = progress.add_task("merge", total=len(tasks), completed=len(tasks) - len(todo))
         pool = mp.get_context("fork").Pool(workers) if workers > 1 else None
         try:

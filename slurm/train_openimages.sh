@@ -92,6 +92,15 @@ log "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $NNODES node(s) [$SLUR
     echo "RESTART_COUNT=${SLURM_RESTART_COUNT:-0} GIT=$(git rev-parse --short HEAD 2>/dev/null || echo none)"
 } >> "$JOB_DIR/job.env"
 
+SIGNAL=""
+on_signal() {
+    SIGNAL=$1
+    log "SIG$1 received: forwarding to the training step (checkpoint, then exit)"
+    [ -n "${SRUN_PID:-}" ] && kill "-$1" "$SRUN_PID" 2>/dev/null
+}
+trap 'on_signal USR1' USR1
+trap 'on_signal TERM' TERM
+
 if [ "${BGTRAIN_PREFLIGHT:-1}" = 1 ]; then
     log "preflight on $NNODES node(s)"
     # shellcheck disable=SC2086  # BGTRAIN_PREFLIGHT_ARGS is a list of flags
@@ -127,15 +136,14 @@ node_main() {
 export -f node_main
 export NNODES NPROC HEAD PORT DEVICE PYTHON MAX_RESTARTS
 
-SIGNAL=""
-on_signal() {
-    SIGNAL=$1
-    log "SIG$1 received: forwarding to the training step (checkpoint, then exit)"
-    [ -n "${SRUN_PID:-}" ] && kill "-$1" "$SRUN_PID" 2>/dev/null
-}
-trap 'on_signal USR1' USR1
-trap 'on_signal TERM' TERM
-
+if [ "$SIGNAL" = USR1 ] && [ "${BGTRAIN_REQUEUE:-1}" = 1 ]; then  # arrived during preflight
+    log "SIGUSR1 before training started; requeueing job $SLURM_JOB_ID"
+    scontrol requeue "$SLURM_JOB_ID"
+    exit 0
+elif [ -n "$SIGNAL" ]; then
+    log "SIG$SIGNAL before training started; exiting"
+    exit 143
+fi
 log "training; per-node logs in $JOB_DIR/node<N>.log"
 srun --kill-on-bad-exit=1 --ntasks-per-node=1 --output="$JOB_DIR/node%n.log" --open-mode=append \
     bash -c 'node_main "$@"' node_main -m bgtrain.train --config "$BGTRAIN_CONFIG" "${OVERRIDES[@]}" &

@@ -215,20 +215,21 @@ def _two_rank_worker(rank: int, port: int, out_dir: str) -> None:
     dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
     try:
         store = CorrectionStore(num_classes=6, rank=rank, world=2)
-        # Step 1: rank 1 finds a correction for sample 4 (owned by rank 0, 4 % 2 == 0);
-        #         rank 0 finds one for sample 7 (owned by rank 1).
+        # Step 1: each rank finds one correction for a sample the other rank owns (owner = id % 2) and one for
+        # a sample it owns itself.
+        mask = torch.zeros(3, 6, dtype=torch.bool)
         if rank == 0:
-            ids, mask = torch.tensor([7, 2]), torch.zeros(2, 6, dtype=torch.bool)
-            mask[0, 5] = True
+            ids = torch.tensor([7, 6, 2])          # (7, class 5) owned by rank 1, (6, class 1) owned by rank 0
+            mask[0, 5] = mask[1, 1] = True
         else:
-            ids, mask = torch.tensor([4, 9]), torch.zeros(2, 6, dtype=torch.bool)
-            mask[0, 2] = True
+            ids = torch.tensor([4, 9, 3])          # (4, class 2) owned by rank 0, (9, class 3) owned by rank 1
+            mask[0, 2] = mask[1, 3] = True
         store.record(ids, mask)
         owned = len(store)
 
-        # Step 2: later batches; rank 0 now sees sample 4, rank 1 sees sample 7 (both owned by the other rank's
-        # finder) and also sample 4.
-        later = torch.tensor([4, 2]) if rank == 0 else torch.tensor([7, 4, 3])
+        # Step 2: later batches. Each rank sees samples whose corrections live on the other rank, and which the
+        # other rank does not see in this step (so nothing arrives by coincidence).
+        later = torch.tensor([4, 9, 2]) if rank == 0 else torch.tensor([7, 6, 3])
         labels = torch.full((later.numel(), 6), -1, dtype=torch.int8)
         out = store.apply(labels, later)
 
@@ -243,22 +244,25 @@ def test_correction_store_reaches_every_rank_and_checkpoint_keeps_all(tmp_path) 
     mp.spawn(_two_rank_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
+    none = [-1] * 6
 
-    # Sharded by sample id: each rank keeps only the correction of the sample it owns.
-    assert (r0["owned"], r1["owned"]) == (1, 1)
+    # Sharded by sample id: each rank keeps only the corrections of the samples it owns.
+    assert (r0["owned"], r1["owned"]) == (2, 2)
 
-    # Rank 0 sees sample 4, corrected on rank 1.
-    assert r0["labels"].tolist() == [[-1, -1, 1, -1, -1, -1], [-1] * 6]
-    # Rank 1 sees sample 7 (found on rank 0, owned by rank 1) and sample 4 (found and owned elsewhere).
-    assert r1["labels"].tolist() == [[-1, -1, -1, -1, -1, 1], [-1, -1, 1, -1, -1, -1], [-1] * 6]
+    # Rank 0 sees sample 4 (found on rank 1, owned here) and sample 9 (found and owned on rank 1).
+    assert r0["labels"].tolist() == [[-1, -1, 1, -1, -1, -1], [-1, -1, -1, 1, -1, -1], none]
+    # Rank 1 sees sample 7 (found on rank 0, owned here) and sample 6 (found and owned on rank 0).
+    assert r1["labels"].tolist() == [[-1, -1, -1, -1, -1, 1], [-1, 1, -1, -1, -1, -1], none]
 
     # state_dict gathers every rank's corrections, identically on both ranks.
+    everything = [(4, 2), (6, 1), (7, 5), (9, 3)]
     for r in (r0, r1):
-        assert sorted(map(tuple, r["pairs"].tolist())) == [(4, 2), (7, 5)]
+        assert sorted(map(tuple, r["pairs"].tolist())) == everything
 
     # Resuming in a world of one keeps everything.
     single = CorrectionStore(num_classes=6)
     single.load_state_dict({"pairs": r0["pairs"], "num_classes": r0["num_classes"]})
-    assert len(single) == 2
-    out = single.apply(torch.full((3, 6), -1, dtype=torch.int8), torch.tensor([7, 4, 0]))
-    assert out.tolist() == [[-1, -1, -1, -1, -1, 1], [-1, -1, 1, -1, -1, -1], [-1] * 6]
+    assert len(single) == 4
+    out = single.apply(torch.full((5, 6), -1, dtype=torch.int8), torch.tensor([9, 7, 4, 0, 6]))
+    assert out.tolist() == [[-1, -1, -1, 1, -1, -1], [-1, -1, -1, -1, -1, 1], [-1, -1, 1, -1, -1, -1], none,
+                            [-1, 1, -1, -1, -1, -1]]

@@ -128,6 +128,19 @@ def test_dispatch_default_cpu_is_the_reference_and_env_forces(monkeypatch):
         dispatch.active_implementation("cpu")
 
 
+def test_failed_cuda_build_falls_back_with_one_warning_unless_forced(monkeypatch):
+    monkeypatch.setattr(dispatch, "_resolved", {})
+    monkeypatch.setenv("TORCH_CUDA_ARCH_LIST", "banana")  # a real build failure: no such arch
+    monkeypatch.delenv(dispatch.ENV_VAR, raising=False)
+    with pytest.warns(RuntimeWarning, match="CUDA extension unavailable") as record:
+        assert dispatch.active_implementation("cuda") == "torch"
+        assert dispatch.active_implementation("cuda") == "torch"
+    assert len(record) == 1
+    monkeypatch.setenv(dispatch.ENV_VAR, "cuda")
+    with pytest.raises(RuntimeError, match="BGTRAIN_BOOSTLU=cuda.*banana"):
+        dispatch.active_implementation("cuda")
+
+
 def test_cpu_default_path_never_builds_an_extension():
     code = ("import sys, torch, bgtrain.ops as o; o.boostlu_pool(torch.randn(2, 3, 4, 4), 5.0); "
             "print(o.active_implementation('cpu'), 'torch.utils.cpp_extension' in sys.modules)")
@@ -157,6 +170,7 @@ def test_torch_compile_of_head_matches_eager_on_cpu(monkeypatch, choice):
     else:
         monkeypatch.setenv(dispatch.ENV_VAR, choice)
     torch._dynamo.reset()
+    assert dispatch.active_implementation("cpu") == ("torch" if choice == "default" else "cpu")
     torch.manual_seed(0)
     head = _Head(ALPHA).to(memory_format=torch.channels_last)
     x = torch.randn(4, 16, 7, 7).to(memory_format=torch.channels_last)
@@ -169,6 +183,20 @@ def test_torch_compile_of_head_matches_eager_on_cpu(monkeypatch, choice):
     torch.testing.assert_close(compiled, eager)
     torch.testing.assert_close(head.conv.weight.grad, g_eager)
     torch.testing.assert_close(eager.double(), _formula_pool(head.conv(x).detach(), ALPHA), rtol=1e-5, atol=1e-6)
+
+
+def test_torch_compile_of_camresnet_runs_on_the_cpu_extension(monkeypatch, cpu_ext):
+    from bgtrain.model import CamResNet
+
+    monkeypatch.setenv(dispatch.ENV_VAR, "cpu")
+    torch._dynamo.reset()
+    torch.manual_seed(0)
+    model = CamResNet(num_classes=12, depth=18).to(memory_format=torch.channels_last).eval()
+    x = torch.randn(2, 3, 64, 64).to(memory_format=torch.channels_last)
+    with torch.no_grad():
+        eager = model(x)
+        compiled = torch.compile(model, fullgraph=True)(x)
+    torch.testing.assert_close(compiled, eager, rtol=1e-4, atol=1e-4)
 
 
 def test_bench_cli_prints_json_rows_and_summary(cpu_ext, capsys):
@@ -190,6 +218,7 @@ def test_hbm_floor_matches_design_figure():
     assert floor_bytes((64, 5000, 14, 14), torch.bfloat16, "fwd+bwd") / 4.8e12 * 1e6 == pytest.approx(78, abs=1)
 
 
+@pytest.mark.slow
 def test_cuda_sources_compile_and_link_for_sm80_and_sm90(tmp_path):
     """A real nvcc build (no GPU needed), ~40-90 s on 2 cores; proves the kernels compile for A100 and H100/H200."""
     try:

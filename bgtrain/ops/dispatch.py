@@ -7,6 +7,9 @@
 A forced extension that fails to build raises. By default CUDA tensors use the CUDA extension when it builds and
 loads, and fall back to the reference with one warning otherwise; CPU tensors use the reference, so CPU users never
 wait for a compiler (and torch.compile fuses the reference well on CPU).
+
+The choice is made once per (setting, device type) and cached; torch.compile bakes it into the traced graph, so
+set the variable before the first call (or call torch._dynamo.reset() after changing it).
 """
 from __future__ import annotations
 

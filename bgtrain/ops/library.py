@@ -16,12 +16,18 @@ from torch import Tensor
 from bgtrain.ops import extension
 
 
+_MODULES: dict[str, object] = {}  # device type -> loaded extension; skips the arch lookup on every call
+
+
 def _ext(device: torch.device):
     """The extension module that serves tensors on `device`."""
-    if device.type == "cuda":
-        return extension.load_cuda()
-    if device.type == "cpu":
-        return extension.load_cpu()
+    module = _MODULES.get(device.type)
+    if module is not None:
+        return module
+    if device.type in ("cuda", "cpu"):
+        module = extension.load_cuda() if device.type == "cuda" else extension.load_cpu()
+        _MODULES[device.type] = module
+        return module
     raise RuntimeError(f"bgtrain BoostLU extension has no kernel for device {device} (only cpu and cuda); "
                        "set BGTRAIN_BOOSTLU=torch to use the reference implementation")
 

@@ -20,6 +20,20 @@ bool layout_channels_last(const at::Tensor& t) {
   return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
+// Output of an elementwise op in the layout of its input, with exactly the strides the fake (meta) kernel in
+// library.py promises (empty_like would copy arbitrary strides of size-1 dims).
+at::Tensor empty_in_layout(const at::Tensor& t) {
+  return at::empty(t.sizes(), t.options().memory_format(layout_channels_last(t) ? at::MemoryFormat::ChannelsLast
+                                                                                : at::MemoryFormat::Contiguous));
+}
+
+// grad and x have the same element order in memory (what the flat elementwise kernels need).
+void check_same_layout(const at::Tensor& grad, const at::Tensor& x) {
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.dtype() == x.dtype() &&
+                  (layout_channels_last(x) ? grad.is_contiguous(at::MemoryFormat::ChannelsLast) : grad.is_contiguous()),
+              "boostlu backward: grad must have the shape, dtype and memory layout of x");
+}
+
 void check_dense(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu(), "bgtrain boostlu CPU op: ", what, " must be a CPU tensor");
   TORCH_CHECK(t.is_contiguous() || (t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast)),
@@ -139,7 +153,7 @@ at::Tensor pool_backward_cpu(const at::Tensor& grad, const at::Tensor& mask, dou
 
 at::Tensor boostlu_forward_cpu(const at::Tensor& x, double alpha) {
   check_dense(x, "x");
-  auto y = at::empty_like(x);
+  auto y = empty_in_layout(x);
   const int64_t n = x.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "boostlu_forward_cpu", [&] {
     using op_t = at::opmath_type<scalar_t>;
@@ -159,9 +173,8 @@ at::Tensor boostlu_forward_cpu(const at::Tensor& x, double alpha) {
 at::Tensor boostlu_backward_cpu(const at::Tensor& grad, const at::Tensor& x, double alpha) {
   check_dense(x, "x");
   check_dense(grad, "grad");
-  TORCH_CHECK(grad.sizes() == x.sizes() && grad.strides() == x.strides() && grad.dtype() == x.dtype(),
-              "boostlu backward: grad must have the shape, strides and dtype of x");
-  auto gx = at::empty_like(x);
+  check_same_layout(grad, x);
+  auto gx = empty_in_layout(x);
   const int64_t n = x.numel();
   AT_DISPATCH_FLOATING_TYPES_AND2(at::kHalf, at::kBFloat16, x.scalar_type(), "boostlu_backward_cpu", [&] {
     using op_t = at::opmath_type<scalar_t>;

@@ -167,6 +167,20 @@ bool layout_channels_last(const at::Tensor& t) {
   return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
 }
 
+// Output of an elementwise op in the layout of its input, with exactly the strides the fake (meta) kernel in
+// library.py promises (empty_like would copy arbitrary strides of size-1 dims).
+at::Tensor empty_in_layout(const at::Tensor& t) {
+  return at::empty(t.sizes(), t.options().memory_format(layout_channels_last(t) ? at::MemoryFormat::ChannelsLast
+                                                                                : at::MemoryFormat::Contiguous));
+}
+
+// grad and x have the same element order in memory (what the flat elementwise kernels need).
+void check_same_layout(const at::Tensor& grad, const at::Tensor& x) {
+  TORCH_CHECK(grad.sizes() == x.sizes() && grad.dtype() == x.dtype() &&
+                  (layout_channels_last(x) ? grad.is_contiguous(at::MemoryFormat::ChannelsLast) : grad.is_contiguous()),
+              "boostlu backward: grad must have the shape, dtype and memory layout of x");
+}
+
 void check_dense(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.is_cuda(), "bgtrain boostlu CUDA op: ", what, " must be a CUDA tensor");
   TORCH_CHECK(t.is_contiguous() || (t.dim() == 4 && t.is_contiguous(at::MemoryFormat::ChannelsLast)),
@@ -192,6 +206,7 @@ std::tuple<at::Tensor, at::Tensor> pool_forward_cuda(const at::Tensor& cam, doub
   const int64_t B = cam.size(0), C = cam.size(1), HW = cam.size(2) * cam.size(3);
   TORCH_CHECK(HW < (int64_t{1} << 31) && C < (int64_t{1} << 31), "boostlu_pool: H*W and C must fit in int32");
   const bool cl = layout_channels_last(cam);
+  TORCH_CHECK(!cl || B <= 65535, "boostlu_pool CUDA: batch ", B, " > 65535 (grid.y limit of the channels-last kernel)");
   auto out = at::empty({B, C}, cam.options());
   auto mask = at::empty({save_mask ? mask_words(B, C, HW, cl) : 0}, cam.options().dtype(at::kInt));
   if (B * C == 0) return {out, mask};
@@ -225,6 +240,8 @@ at::Tensor pool_backward_cuda(const at::Tensor& grad, const at::Tensor& mask, do
   TORCH_CHECK(mask.scalar_type() == at::kInt && mask.is_contiguous() &&
                   mask.numel() == mask_words(B, C, HW, channels_last),
               "boostlu_pool backward: the sign mask was not saved (forward ran without grad?) or has the wrong size");
+  TORCH_CHECK(!channels_last || B <= 65535, "boostlu_pool CUDA: batch ", B,
+              " > 65535 (grid.y limit of the channels-last kernel)");
   auto out = at::empty({B, C, H, W}, grad.options().memory_format(
                                          channels_last ? at::MemoryFormat::ChannelsLast : at::MemoryFormat::Contiguous));
   if (out.numel() == 0) return out;
@@ -252,7 +269,7 @@ at::Tensor pool_backward_cuda(const at::Tensor& grad, const at::Tensor& mask, do
 at::Tensor boostlu_forward_cuda(const at::Tensor& x, double alpha) {
   check_dense(x, "x");
   const c10::cuda::CUDAGuard guard(x.device());
-  auto y = at::empty_like(x);
+  auto y = empty_in_layout(x);
   const int64_t n = x.numel();
   if (n == 0) return y;
   constexpr int threads = 256;
@@ -269,10 +286,9 @@ at::Tensor boostlu_forward_cuda(const at::Tensor& x, double alpha) {
 at::Tensor boostlu_backward_cuda(const at::Tensor& grad, const at::Tensor& x, double alpha) {
   check_dense(x, "x");
   check_dense(grad, "grad");
-  TORCH_CHECK(grad.sizes() == x.sizes() && grad.strides() == x.strides() && grad.dtype() == x.dtype(),
-              "boostlu backward: grad must have the shape, strides and dtype of x");
+  check_same_layout(grad, x);
   const c10::cuda::CUDAGuard guard(x.device());
-  auto gx = at::empty_like(x);
+  auto gx = empty_in_layout(x);
   const int64_t n = x.numel();
   if (n == 0) return gx;
   constexpr int threads = 256;

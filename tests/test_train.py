@@ -1,0 +1,116 @@
+"""End to end: 2-process torchrun (gloo DDP) training, and that stopping or killing loses nothing."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import pytest
+import torch
+
+from tests.conftest import REPO, free_port
+
+STEPS_PER_EPOCH = 8  # 200 samples in shards of 60/60/60/20, 2 ranks x 2 workers, batch 16
+
+
+def torchrun_cmd(out: Path, shards: Path, extra: list[str] = (), max_restarts: int = 0) -> list[str]:
+    return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+            f"--max-restarts={max_restarts}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+            "-m", "bgtrain.train", "--config", str(REPO / "configs/smoke.yaml"),
+            f"data.shards={shards}", f"out_dir={out}", "loss.scheme=LL-Cp", "loss.delta_rel=0.02",
+            "optim.epochs=3", "checkpoint.every_steps=3", "checkpoint.resume=latest", *extra]
+
+
+def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, **kw)
+
+
+def final_weights(out: Path) -> dict:
+    last = sorted((out / "checkpoints").glob("step-*.pt"))[-1]
+    return torch.load(last, weights_only=True)["engine"]["model"]
+
+
+@pytest.fixture(scope="module")
+def uninterrupted(smoke_shards, tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("uninterrupted")
+    proc = run(torchrun_cmd(out, smoke_shards))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out
+
+
+def test_two_process_training_writes_results_metrics_and_checkpoints(uninterrupted):
+    results = json.loads((uninterrupted / "results.json").read_text())
+    assert 0 <= results["test_map"] <= 100 and results["best_epoch"] in (1, 2, 3)
+    records = [json.loads(line) for line in (uninterrupted / "metrics.jsonl").read_text().splitlines()]
+    kinds = {r["kind"] for r in records}
+    assert {"train", "val", "test"} <= kinds
+    assert sum(r["kind"] == "val" for r in records) == 3
+    assert max(r["step"] for r in records if r["kind"] == "train") == 3 * STEPS_PER_EPOCH
+    assert any(r["corrections"] > 0 for r in records if r["kind"] == "train"), "LL-Cp made no corrections"
+    assert (uninterrupted / "checkpoints" / "best.pt").is_file()
+    assert (uninterrupted / "config.yaml").is_file()
+
+
+def _workers(proc: subprocess.Popen) -> list[psutil.Process]:
+    children = psutil.Process(proc.pid).children(recursive=True)
+    return [c for c in children if "bgtrain.train" in " ".join(c.cmdline())]
+
+
+def _wait_for_checkpoint(out: Path, step: int, proc: subprocess.Popen) -> None:
+    target = out / "checkpoints" / f"step-{step:09d}.pt"
+    deadline = time.time() + 300
+    while not target.exists():
+        assert proc.poll() is None, "training ended before the checkpoint to interrupt at"
+        assert time.time() < deadline, f"no {target} after 300 s"
+        time.sleep(0.02)
+
+
+def _assert_same_run(a: Path, b: Path) -> None:
+    ra, rb = (json.loads((p / "results.json").read_text()) for p in (a, b))
+    assert ra["test_map"] == rb["test_map"] and ra["val_map"] == rb["val_map"]
+    wa, wb = final_weights(a), final_weights(b)
+    assert wa.keys() == wb.keys()
+    for key in wa:
+        assert torch.equal(wa[key], wb[key]), f"weights differ at {key}"
+
+
+def test_sigkill_of_one_rank_mid_epoch_restarts_and_matches_uninterrupted(smoke_shards, tmp_path, uninterrupted):
+    out = tmp_path / "killed"
+    proc = subprocess.Popen(torchrun_cmd(out, smoke_shards, max_restarts=2), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    _wait_for_checkpoint(out, STEPS_PER_EPOCH + 1, proc)  # mid-epoch 2
+    victim = next(w for w in _workers(proc) if w.environ().get("LOCAL_RANK") == "1")
+    victim.send_signal(signal.SIGKILL)
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log[-3000:]
+    assert "resumed from" in log
+    _assert_same_run(uninterrupted, out)
+
+
+def test_stop_signal_then_resume_latest_matches_uninterrupted(smoke_shards, tmp_path, uninterrupted):
+    out = tmp_path / "stopped"
+    proc = subprocess.Popen(torchrun_cmd(out, smoke_shards), cwd=REPO, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True)
+    _wait_for_checkpoint(out, STEPS_PER_EPOCH + 1, proc)
+    for worker in _workers(proc):
+        worker.send_signal(signal.SIGUSR1)
+    log, _ = proc.communicate(timeout=600)
+    assert proc.returncode == 0, log[-3000:]
+    assert "stop requested" in log and not (out / "results.json").exists()
+    resumed = run(torchrun_cmd(out, smoke_shards))
+    assert resumed.returncode == 0, resumed.stderr[-3000:]
+    assert "resumed from" in resumed.stderr
+    _assert_same_run(uninterrupted, out)
+
+
+def test_config_error_fails_before_any_process_group(tmp_path):
+    proc = run([sys.executable, "-m", "bgtrain.train", "--config", str(REPO / "configs/smoke.yaml"),
+                "loss.scheme=LLR"], env={**os.environ, "RANK": "0", "WORLD_SIZE": "2",
+                                         "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
+    assert proc.returncode == 2
+    assert "loss.scheme" in proc.stderr and "'LL-R'" in proc.stderr
