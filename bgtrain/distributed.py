@@ -27,10 +27,23 @@ def world_info_from_env() -> WorldInfo:
     if "RANK" in env and "WORLD_SIZE" in env:
         return WorldInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
                          int(env.get("LOCAL_WORLD_SIZE", 1)))
-    if "SLURM_PROCID" in env and "SLURM_NTASKS" in env:
-        return WorldInfo(int(env["SLURM_PROCID"]), int(env["SLURM_NTASKS"]), int(env.get("SLURM_LOCALID", 0)),
-                         int(env.get("SLURM_NTASKS_PER_NODE", "1").split("(")[0]))
+    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
+        # Step variables, not job ones: inside sbatch but outside srun, SLURM_NTASKS counts tasks that
+        # do not exist yet. Tasks per node may differ per node ("2(x3),1"); this node's is SLURM_LOCALID's.
+        node = int(env.get("SLURM_NODEID", 0))
+        per_node = _expand_tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE", "1"))
+        return WorldInfo(int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]),
+                         int(env.get("SLURM_LOCALID", 0)), per_node[min(node, len(per_node) - 1)])
     return WorldInfo()
+
+
+def _expand_tasks_per_node(spec: str) -> list[int]:
+    """Slurm's compressed list "2(x3),1" -> [2, 2, 2, 1]."""
+    out = []
+    for part in spec.split(","):
+        count, _, repeat = part.partition("(x")
+        out += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+    return out
 
 
 def init_distributed(timeout_s: int = 300) -> tuple[WorldInfo, torch.device]:

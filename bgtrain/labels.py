@@ -118,7 +118,7 @@ class CorrectionStore:
         local = torch.tensor(mine, dtype=torch.long, device=labels.device).reshape(-1, 2)
         found = all_gather_rows(local)
         if found.numel() == 0:
-            return labels
+            return labels.clone()
         position = {sid: i for i, sid in enumerate(sample_ids.tolist())}
         hits = [(position[s], c) for s, c in found.tolist() if s in position]
         out = labels.clone()

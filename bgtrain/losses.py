@@ -126,32 +126,40 @@ def expected_positive_regulariser(logits: torch.Tensor, labels: torch.Tensor, ex
     return _mean_over_entries(entry, rows) + (expected_sum - expected) ** 2 / labels.shape[1] ** 2
 
 
-def binary_entropy(p: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
-    p = p.clamp(eps, 1 - eps)
-    return -(p * torch.log(p) + (1 - p) * torch.log(1 - p))
+def entropy_from_logits(logits: torch.Tensor) -> torch.Tensor:
+    """Binary entropy of sigmoid(logits), finite for any logit (p is never rounded to 0 or 1 first)."""
+    x = logits.float()
+    p = torch.sigmoid(x)
+    return p * F.softplus(-x) + (1 - p) * F.softplus(x)
 
 
 def entropy_maximisation(logits: torch.Tensor, labels: torch.Tensor, alpha: float,
                          valid: torch.Tensor | None = None) -> torch.Tensor:
     """EM (Zhou et al.): -log p on positives, -alpha * H(p) on unknowns, BCE toward 0 on known negatives."""
-    p = torch.sigmoid(logits.float())
-    entry = torch.where(labels == 1, _bce(logits, torch.ones_like(p)),
-                        torch.where(labels == -1, -alpha * binary_entropy(p), _bce(logits, torch.zeros_like(p))))
+    entry = torch.where(labels == 1, _bce(logits, torch.ones_like(logits, dtype=torch.float32)),
+                        torch.where(labels == -1, -alpha * entropy_from_logits(logits),
+                                    _bce(logits, torch.zeros_like(logits, dtype=torch.float32))))
     return _mean_over_entries(entry, _rows(valid, labels.shape[0], labels.device))
 
 
 Criterion = Callable[..., LossOutput]
+"""``criterion(logits, labels, epoch, valid=None, sample_ids=None) -> LossOutput``.
+
+A criterion with per-sample state (ROLE, EM+APL) may also have ``after_step()``, called after each
+optimizer step, ``end_epoch(epoch, score_train)``, called after each epoch with a function that
+scores this rank's share of the training split, and ``state_dict`` / ``load_state_dict`` for checkpoints.
+"""
 
 
-def build_criterion(cfg: LossConfig, dataset: str) -> Criterion:
-    """The training loss for a config: ``criterion(logits, labels, epoch, valid) -> LossOutput``."""
+def build_criterion(cfg: LossConfig, dataset: str, num_samples: int = 0, num_classes: int = 0) -> Criterion:
+    """The training loss for a config; ``num_samples`` / ``num_classes`` size per-sample state."""
     scheme = cfg.scheme
     if scheme in ("full", "AN", *LARGE_LOSS_DEFAULT_DELTA):
-        return lambda logits, labels, epoch, valid=None: large_loss_output(
+        return lambda logits, labels, epoch, valid=None, sample_ids=None: large_loss_output(
             logits, labels, scheme, epoch, cfg.delta_rel, valid)
 
     def plain(fn: Callable[..., torch.Tensor]) -> Criterion:
-        return lambda logits, labels, epoch, valid=None: LossOutput(
+        return lambda logits, labels, epoch, valid=None, sample_ids=None: LossOutput(
             fn(logits, labels, valid=valid), torch.zeros_like(labels, dtype=torch.bool))
 
     if scheme == "LS":
@@ -166,4 +174,7 @@ def build_criterion(cfg: LossConfig, dataset: str) -> Criterion:
         return plain(lambda lg, lb, valid: expected_positive_regulariser(lg, lb, expected, valid))
     if scheme == "EM":
         return plain(lambda lg, lb, valid: entropy_maximisation(lg, lb, cfg.em_alpha, valid))
-    raise ValueError(f"loss.scheme {scheme!r} needs per-sample state; build it with bgtrain.pseudo_labels")
+    if scheme in ("ROLE", "EM-APL"):
+        from bgtrain.pseudo_labels import build_stateful_criterion
+        return build_stateful_criterion(cfg, dataset, num_samples, num_classes)
+    raise ValueError(f"loss.scheme: unknown scheme {scheme!r}")

@@ -78,7 +78,11 @@ class CamResNet(nn.Module):
             top, _, rest = key.partition(".")
             if top in names:
                 trunk_state[f"{names.index(top)}.{rest}"] = value
-        missing, unexpected = self.trunk.load_state_dict(trunk_state, strict=False)
+        try:
+            missing, _ = self.trunk.load_state_dict(trunk_state, strict=False)
+        except RuntimeError as e:
+            raise ValueError(f"model.pretrained: {path} does not fit this ResNet (is it a ResNet of the "
+                             f"configured depth, model.depth?): {str(e)[:300]}") from None
         if missing:
             raise ValueError(f"model.pretrained: {path} lacks trunk weights such as {missing[:3]} "
                              f"(is it a ResNet of the configured depth?)")

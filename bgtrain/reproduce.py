@@ -21,7 +21,7 @@ from bgtrain.paper import published
 
 TABLES = {
     "single_positive": ["full", "AN", "LL-R", "LL-R_BoostLU", "LL-Ct_BoostLU", "LL-Cp_BoostLU"],
-    "baselines": ["AN", "LS", "ASL", "EPR", "EM"],
+    "baselines": ["AN", "LS", "ASL", "EPR", "EM", "ROLE", "EM-APL"],
     "inference_only": ["AN_alpha1", "AN_BoostLU_inference"],
     "openimages": ["LL-R", "LL-R_BoostLU", "LL-Ct", "LL-Ct_BoostLU", "LL-Cp", "LL-Cp_BoostLU"],
     "demo": ["AN", "LL-R", "LL-R_BoostLU"],

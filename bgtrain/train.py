@@ -79,6 +79,16 @@ def evaluate_map(engine, cfg: TrainConfig, split: str, world: WorldInfo, device:
     return mean_ap(aps, cfg.eval.no_positive)
 
 
+def score_train_split(engine, cfg: TrainConfig, world: WorldInfo, device: torch.device):
+    """(scores, observed labels, sample ids) of this rank's share of the training split, in eval mode."""
+    loader = build_loader(cfg.data, "train", world, device, train=False, seed=cfg.seed,
+                          channels_last=cfg.model.channels_last, label_set=cfg.data.labels)
+    engine.train(False)
+    scores, labels, ids = predict(engine.eval_logits, loader, with_ids=True)
+    engine.train(True)
+    return scores, labels, ids
+
+
 def run(cfg: TrainConfig) -> dict:
     """Train, select the best epoch on validation, evaluate it on test; returns the final results."""
     world, device = init_distributed(cfg.engine.timeout_s)
@@ -93,7 +103,8 @@ def run(cfg: TrainConfig) -> dict:
                                 channels_last=cfg.model.channels_last, dtype=dtype)
     model = build_model(cfg.model, train_loader.num_classes)
     engine = build_engine(cfg, model, world, device)
-    criterion = build_criterion(cfg.loss, train_loader.info.dataset)
+    criterion = build_criterion(cfg.loss, train_loader.info.dataset, train_loader.info.num_samples,
+                                train_loader.num_classes)
     store = CorrectionStore(train_loader.num_classes, world.rank, world.world_size)
     saver = ckpt.CheckpointSaver(out_dir / "checkpoints", cfg.checkpoint.keep_last)
     progress = RankZeroProgress(world.is_main)
@@ -108,6 +119,8 @@ def run(cfg: TrainConfig) -> dict:
         state = ckpt.load(resume)
         engine.load_state_dict(state["engine"])
         store.load_state_dict(state["corrections"])
+        if hasattr(criterion, "load_state_dict"):
+            criterion.load_state_dict(state["criterion"])
         ckpt.set_rng_state(state["rng"][world.rank % len(state["rng"])])
         epoch, batches_done = state["loader"]["epoch"], state["loader"]["batches_done"]
         global_step, best = state["global_step"], state["best"]
@@ -120,6 +133,7 @@ def run(cfg: TrainConfig) -> dict:
         else:
             rngs = [ckpt.rng_state()]
         state = {"engine": engine.state_dict(), "corrections": store.state_dict(), "rng": rngs,
+                 "criterion": criterion.state_dict() if hasattr(criterion, "state_dict") else {},
                  "loader": train_loader.state_dict(), "global_step": global_step, "best": best,
                  "config": to_dict(cfg)}
         if world.is_main:
@@ -135,7 +149,10 @@ def run(cfg: TrainConfig) -> dict:
         for batch in train_loader:
             data_s = time.perf_counter() - tick
             labels = store.apply(batch.labels, batch.sample_id) if uses_corrections else batch.labels
-            out = engine.step(batch.image, lambda logits: criterion(logits, labels, epoch, batch.valid))
+            out = engine.step(batch.image, lambda logits: criterion(logits, labels, epoch, batch.valid,
+                                                                    batch.sample_id))
+            if hasattr(criterion, "after_step"):
+                criterion.after_step()
             if out.corrections is not None:
                 store.record(batch.sample_id, out.corrections & batch.valid[:, None])
             global_step += 1
@@ -154,6 +171,8 @@ def run(cfg: TrainConfig) -> dict:
                 return {"stopped_at_step": global_step}
             tick = time.perf_counter()
         progress.finish(task)
+        if hasattr(criterion, "end_epoch"):
+            criterion.end_epoch(epoch, lambda: score_train_split(engine, cfg, world, device))
         val_map, info = evaluate_map(engine, cfg, "val", world, device) if cfg.eval.select_on == "val" else (0.0, {})
         is_best = cfg.eval.select_on == "none" or val_map > best["val_map"]
         if is_best:

@@ -137,3 +137,32 @@ def test_corrupt_sample_is_skipped_and_counted(tmp_path, smoke_shards):
     assert sum(b.corrupt for b in batches) == 1
     seen = sorted(i for b in batches for i in b.sample_id[b.valid].tolist())
     assert seen == [i for i in range(12) if i != 5]
+
+
+def test_resampled_epoch_has_its_nominal_length_and_equal_batch_counts(smoke_shards):
+    import math
+    cfg = data_cfg(smoke_shards, resampled=True, epoch_samples=150)
+    ids, counts = epoch_ids(cfg, 2, epoch=1)
+    per_slot = math.ceil(150 / (2 * 2 * 8))  # world 2 x 2 workers, batch 8
+    assert counts == [per_slot * 2] * 2, "same nominal batch count on every rank"
+    loader = build_loader(cfg, "train", WorldInfo(0, 2), CPU, train=True, seed=0)
+    assert len(loader) == per_slot * 2
+    assert all(len(r) == counts[0] * 8 for r in ids), "resampled batches are all valid, never padded"
+    assert set(i for r in ids for i in r) <= set(range(200))
+
+
+def test_resampled_draws_shards_with_replacement_per_epoch(smoke_shards):
+    info = split_info(smoke_shards, "train", "observed")
+    plans = [plan_epoch(info, seed=0, epoch=e, world=2, workers=2, batch_size=8, shuffle=True, epoch_samples=400)
+             for e in (1, 1, 2)]
+    drawn = [[u.shard for slot in p.slots for u in slot] for p in plans]
+    assert drawn[0] == drawn[1] and drawn[0] != drawn[2], "a function of (seed, epoch) only"
+    assert max(Counter(drawn[0]).values()) > 1, "with replacement: some shard is drawn twice"
+    assert all(sum(info.shard_sizes[u.shard] for u in slot) >= plans[0].batches_per_slot * 8
+               for slot in plans[0].slots), "every slot holds its nominal share"
+
+
+def test_resampled_needs_epoch_samples(smoke_shards):
+    loader = build_loader(data_cfg(smoke_shards, resampled=True), "train", WorldInfo(), CPU, train=True, seed=0)
+    with pytest.raises(ValueError, match="data.epoch_samples"):
+        len(loader)

@@ -1,0 +1,175 @@
+"""Loader throughput: ``dali`` and ``webdataset`` against the reference code's ``files`` baseline.
+
+``files`` is what the reference BoostLU code does: a map-style Dataset that opens every JPEG with
+PIL from an unpacked folder, then torchvision ``Resize((S, S))``, ``RandomHorizontalFlip``,
+``ToTensor``, ``Normalize`` per sample, in a DataLoader with the same workers and batch size. The
+tars are unpacked into a temporary folder first, outside the timed region. All backends read the
+same images of the same split in the same run; each is timed over ``--batches`` batches after one
+warm-up batch (worker start-up and pipeline build are not timed). One JSON line per backend, and a
+last line ``{"speedup_vs_files": {...}}``.
+
+Example::
+
+    python -m bgtrain.bench loader --synthetic 600 --source-size 512 --image-size 224 --batches 15
+    python -m bgtrain.bench loader --shards data/voc --backend dali webdataset files --workers 2
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tarfile
+import tempfile
+import time
+from pathlib import Path
+from typing import Iterable, Sequence
+
+import numpy as np
+import torch
+from PIL import Image
+
+from bgtrain.config import DataConfig
+from bgtrain.data import build_loader
+from bgtrain.data.common import IMAGENET_MEAN, IMAGENET_STD, split_info
+from bgtrain.distributed import WorldInfo
+from shards.format import decode_labels
+
+BACKENDS = ("dali", "webdataset", "files")
+
+
+class FilesDataset(torch.utils.data.Dataset):
+    """The reference code's dataset: one JPEG file per item, opened and transformed with PIL per sample."""
+
+    def __init__(self, paths: list[Path], labels: np.ndarray, size: int) -> None:
+        from torchvision import transforms
+        self.paths, self.labels = paths, labels
+        self.transform = transforms.Compose([
+            transforms.Resize((size, size)), transforms.RandomHorizontalFlip(), transforms.ToTensor(),
+            transforms.Normalize(IMAGENET_MEAN, IMAGENET_STD)])
+
+    def __len__(self) -> int:
+        return len(self.paths)
+
+    def __getitem__(self, i: int):
+        with Image.open(self.paths[i]) as im:
+            image = im.convert("RGB")
+        return self.transform(image), torch.from_numpy(self.labels[i]), i
+
+
+def unpack(shard_paths: Iterable[Path], out: Path, num_classes: int) -> tuple[list[Path], np.ndarray]:
+    """Extract every sample's JPEG to ``out`` and return the file paths with dense observed label rows."""
+    paths, rows = [], []
+    for tar in shard_paths:
+        with tarfile.open(tar) as t:
+            members = {m.name: m for m in t.getmembers()}
+            for name, member in members.items():
+                if not name.endswith(".jpg"):
+                    continue
+                key = name[: -len(".jpg")]
+                labels = decode_labels(t.extractfile(members[key + ".lbl"]).read())
+                path = out / name
+                path.write_bytes(t.extractfile(member).read())
+                row = np.full(num_classes, -1, np.int8)
+                row[list(labels.obs_pos)] = 1
+                row[list(labels.obs_neg)] = 0
+                paths.append(path)
+                rows.append(row)
+    return paths, np.stack(rows)
+
+
+def _timed(batches: Iterable, n: int, batch_size: int) -> dict:
+    """Images per second over ``n`` batches after the first (warm-up) one."""
+    it = iter(batches)
+    next(it)
+    start = time.perf_counter()
+    for _ in range(n):
+        next(it)
+    seconds = time.perf_counter() - start
+    return {"img_per_s": round(n * batch_size / seconds, 1), "seconds": round(seconds, 3)}
+
+
+def _endless_loader(cfg: DataConfig, split: str):
+    """Batches of our loader across as many epochs as needed."""
+    loader = build_loader(cfg, split, WorldInfo(), torch.device("cpu"), train=True, seed=0)
+    epoch = 1
+    while True:
+        loader.set_epoch(epoch)
+        yield from loader
+        epoch += 1
+
+
+def _endless_files(dataset: FilesDataset, batch_size: int, workers: int):
+    loader = torch.utils.data.DataLoader(dataset, batch_size=batch_size, shuffle=True, num_workers=workers,
+                                         drop_last=True, persistent_workers=workers > 0)
+    while True:
+        yield from loader
+
+
+def run(shards: Path, backends: Sequence[str], batches: int, batch_size: int, workers: int, image_size: int,
+        split: str = "train") -> list[dict]:
+    """Measure each backend on ``shards/split``; returns the JSON records, the speedup record last."""
+    info = split_info(shards, split, "observed")
+    need = (batches + 1) * batch_size
+    if info.num_samples < batch_size:
+        raise ValueError(f"{shards / split}: {info.num_samples} samples, fewer than one batch of {batch_size}")
+    records = []
+    with tempfile.TemporaryDirectory(prefix="bgtrain-files-") as tmp:
+        if "files" in backends:
+            paths, labels = unpack(info.shard_paths, Path(tmp), info.num_classes)
+        for backend in backends:
+            if backend == "files":
+                stream = _endless_files(FilesDataset(paths, labels, image_size), batch_size, workers)
+            else:
+                cfg = DataConfig(shards=str(shards), backend=backend, image_size=image_size, batch_size=batch_size,
+                                 workers=workers, shuffle_buffer=min(256, info.num_samples))
+                stream = _endless_loader(cfg, split)
+            rec = {"backend": backend, **_timed(stream, batches, batch_size), "batches": batches,
+                   "batch_size": batch_size, "workers": workers, "image_size": image_size,
+                   "epochs_wrapped": need > info.num_samples}
+            del stream  # ends its worker processes / pipeline before the next backend runs
+            records.append(rec)
+            print(json.dumps(rec), flush=True)
+    base = next((r["img_per_s"] for r in records if r["backend"] == "files"), None)
+    if base:
+        speedup = {r["backend"]: round(r["img_per_s"] / base, 2) for r in records if r["backend"] != "files"}
+        records.append({"speedup_vs_files": speedup})
+        print(json.dumps(records[-1]), flush=True)
+    return records
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    """CLI entry: ``python -m bgtrain.bench loader``."""
+    parser = argparse.ArgumentParser(
+        prog="python -m bgtrain.bench loader",
+        description="Images per second of the DALI and WebDataset loaders against the reference code's "
+                    "per-file PIL Dataset, on the same shards in the same run (JSON lines).",
+        epilog="example: python -m bgtrain.bench loader --synthetic 600 --source-size 512 --image-size 224 "
+               "--batches 15 --backend dali webdataset files")
+    src = parser.add_mutually_exclusive_group(required=True)
+    src.add_argument("--shards", type=Path, help="shard folder with manifest.json (from `python -m shards`)")
+    src.add_argument("--synthetic", type=int, metavar="N",
+                     help="build N synthetic training images into a temporary shard folder instead")
+    parser.add_argument("--source-size", type=int, default=512, help="side of synthetic source images (512)")
+    parser.add_argument("--backend", nargs="+", choices=BACKENDS, default=list(BACKENDS),
+                        help="backends to measure, in this order (default: all three)")
+    parser.add_argument("--split", default="train", help="split to read (default train)")
+    parser.add_argument("--batches", type=int, default=20, help="timed batches per backend (default 20)")
+    parser.add_argument("--batch-size", type=int, default=32, help="batch size (default 32)")
+    parser.add_argument("--workers", type=int, default=2, help="loader workers / DALI threads (default 2)")
+    parser.add_argument("--image-size", type=int, default=448, help="output side in pixels (default 448)")
+    args = parser.parse_args(argv)
+    if args.batches < 1 or args.batch_size < 1 or args.workers < 0:
+        parser.error("--batches and --batch-size must be >= 1, --workers >= 0")
+    if args.synthetic is None:
+        run(args.shards, args.backend, args.batches, args.batch_size, args.workers, args.image_size, args.split)
+        return 0
+    from shards.synthetic import build
+    with tempfile.TemporaryDirectory(prefix="bgtrain-bench-shards-") as tmp:
+        build(Path(tmp), num_classes=20, n_train=args.synthetic, n_val=0, n_test=1, size=args.source_size,
+              seed=0, shard_size=max(1, args.synthetic // 4))
+        run(Path(tmp), args.backend, args.batches, args.batch_size, args.workers, args.image_size, args.split)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
