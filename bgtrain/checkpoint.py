@@ -97,3 +97,19 @@ class CheckpointSaver:
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint.resume: {path} does not exist")
         return path
+
+
+def load_model_for_eval(path: str | Path, device: torch.device | str = "cpu"):
+    """(CamResNet in eval mode with the checkpoint's weights, its TrainConfig) from a training checkpoint."""
+    from bgtrain.config import config_from_dict
+    from bgtrain.model import build_model
+
+    state = load(path)
+    if "engine" not in state or "config" not in state:
+        raise ValueError(f"{path}: not a bgtrain training checkpoint (no 'engine'/'config' entries)")
+    cfg = config_from_dict(state["config"])
+    weights = state["engine"]["model"]
+    num_classes = weights["classifier.bias"].shape[0]
+    model = build_model(cfg.model, num_classes)
+    model.load_state_dict(weights)
+    return model.to(device).eval(), cfg

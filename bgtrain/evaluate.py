@@ -197,57 +197,36 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-# --------------------------------------------------------------------------------------------------
-# Model side, to be wired by the lead. UNVERIFIED: written against the assumed APIs
-# bgtrain.checkpoint.load_model_for_eval(path) -> (model, meta) and
-# bgtrain.data.build_loader(cfg.data, split=..., rank=..., world=...) yielding dicts with "image",
-# "labels" (int8 (B, C)) and "valid" (bool (B,)).
-# --------------------------------------------------------------------------------------------------
-@torch.no_grad()
-def score_split(model, loader, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Sigmoid scores and labels of this rank's rows (padding rows dropped by ``valid``)."""
-    scores, labels = [], []
-    model.eval()
-    for batch in loader:
-        keep = batch["valid"].to(device)
-        logits = model(batch["image"].to(device, non_blocking=True))
-        scores.append(torch.sigmoid(logits.float())[keep])
-        labels.append(batch["labels"].to(device)[keep])
-    if not scores:
-        raise RuntimeError("the loader yielded no batch on this rank")
-    return torch.cat(scores), torch.cat(labels)
-
-
 def main(argv: Sequence[str] | None = None) -> dict | None:
     """Score a checkpoint on a split, shard AP by class over ranks, print and write the group table."""
     args = build_parser().parse_args(argv)
-    from bgtrain.checkpoint import load_model_for_eval  # noqa: PLC0415 (model side, lead-owned)
-    from bgtrain.data import build_loader  # noqa: PLC0415
+    from bgtrain.checkpoint import load_model_for_eval
+    from bgtrain.data import build_loader
+    from bgtrain.distributed import init_distributed, shutdown
+    from bgtrain.predict import predict
+    from shards.format import read_manifest
 
-    world = int(__import__("os").environ.get("WORLD_SIZE", "1"))
-    if world > 1 and not dist.is_initialized():
-        dist.init_process_group("nccl" if torch.cuda.is_available() else "gloo")
-    rank = dist.get_rank() if dist.is_initialized() else 0
-    device = torch.device(f"cuda:{torch.cuda.current_device()}" if torch.cuda.is_available() else "cpu")
-    model, meta = load_model_for_eval(args.checkpoint)
-    if args.alpha_eval is not None:
-        model.alpha = args.alpha_eval
-    cfg = meta["config"]
-    cfg.data.shards = args.shards
-    loader = build_loader(cfg.data, split=args.split, rank=rank, world=world)
-    scores, labels = score_split(model.to(device), loader, device)
-    res = sharded_ap_with_counts(scores, labels)
-    manifest = json.loads((Path(args.shards) / "manifest.json").read_text())
-    result = None
-    if rank == 0:
-        result = report(res.ap, manifest, args.groups, args.no_positive, res.n_pos, args.group_counts)
-        result.update(checkpoint=str(args.checkpoint), split=args.split, alpha_eval=args.alpha_eval)
-        print_report(result)
-        path = write_report(result, args.out or Path(args.checkpoint).parent, f"map_{args.split}.json")
-        print(f"wrote {path}")
-    if dist.is_initialized():
-        dist.destroy_process_group()
-    return result
+    manifest = read_manifest(args.shards)  # a bad folder fails before any process group
+    world, device = init_distributed()
+    try:
+        model, cfg = load_model_for_eval(args.checkpoint, device)
+        if args.alpha_eval is not None:
+            model.alpha_eval = args.alpha_eval
+        cfg.data.shards = args.shards
+        loader = build_loader(cfg.data, args.split, world, device, train=False, seed=cfg.seed,
+                              channels_last=cfg.model.channels_last)
+        scores, labels = predict(model, loader)
+        res = sharded_ap_with_counts(scores, labels)
+        result = None
+        if world.is_main:
+            result = report(res.ap, manifest, args.groups, args.no_positive, res.n_pos, args.group_counts)
+            result.update(checkpoint=str(args.checkpoint), split=args.split, alpha_eval=model.alpha_eval)
+            print_report(result)
+            path = write_report(result, args.out or Path(args.checkpoint).parent, f"map_{args.split}.json")
+            print(f"wrote {path}")
+        return result
+    finally:
+        shutdown()
 
 
 if __name__ == "__main__":

@@ -18,7 +18,7 @@ from bgtrain.config import ConfigError, TrainConfig, load_config, save_config, t
 from bgtrain.data import build_loader
 from bgtrain.distributed import WorldInfo, broadcast_object, init_distributed, shutdown
 from bgtrain.engine import DTYPES, build_engine
-from bgtrain.evaluate import sharded_average_precision
+from bgtrain.evaluate import report, sharded_ap_with_counts
 from bgtrain.labels import CorrectionStore
 from bgtrain.losses import build_criterion
 from bgtrain.metrics import mean_ap
@@ -26,6 +26,7 @@ from bgtrain.model import build_model
 from bgtrain.ops import active_implementation
 from bgtrain.predict import predict
 from bgtrain.progress import RankZeroProgress
+from shards.format import read_manifest
 
 
 class StopRequested:
@@ -75,8 +76,13 @@ def evaluate_map(engine, cfg: TrainConfig, split: str, world: WorldInfo, device:
     engine.train(False)
     scores, labels = predict(engine.eval_logits, loader)
     engine.train(True)
-    aps = sharded_average_precision(scores, labels)
-    return mean_ap(aps, cfg.eval.no_positive)
+    result = sharded_ap_with_counts(scores, labels)
+    value, info = mean_ap(result.ap, cfg.eval.no_positive, result.n_pos)
+    if cfg.eval.groups:
+        groups = report(result.ap, read_manifest(cfg.data.shards), cfg.eval.groups, cfg.eval.no_positive,
+                        result.n_pos)["groups"]
+        info["groups"] = groups
+    return value, info
 
 
 def score_train_split(engine, cfg: TrainConfig, world: WorldInfo, device: torch.device):

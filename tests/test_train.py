@@ -114,3 +114,15 @@ def test_config_error_fails_before_any_process_group(tmp_path):
                                          "MASTER_ADDR": "127.0.0.1", "MASTER_PORT": str(free_port())})
     assert proc.returncode == 2
     assert "loss.scheme" in proc.stderr and "'LL-R'" in proc.stderr
+
+
+def test_evaluate_cli_on_two_ranks_reproduces_the_trainings_test_map(smoke_shards, uninterrupted, tmp_path):
+    proc = run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "bgtrain.evaluate",
+                "--checkpoint", str(uninterrupted / "checkpoints" / "best.pt"), "--shards", str(smoke_shards),
+                "--groups", "2", "--out", str(tmp_path)])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    report = json.loads((tmp_path / "map_test.json").read_text())
+    trained = json.loads((uninterrupted / "results.json").read_text())
+    assert report["all"]["map"] == pytest.approx(trained["test_map"], abs=1e-9)
+    assert [g["n_classes"] for g in report["groups"]] == [5, 5]
