@@ -56,10 +56,10 @@ class LossConfig:
     asl_gamma_pos: float = 1.0
     asl_clip: float = 0.05
     expected_positives: Optional[float] = None  # EPR / ROLE k-hat; None = the dataset default
-    em_alpha: float = 0.1
-    apl_beta: float = 0.1
-    apl_warmup_epochs: int = 1
-    role_max_gib: float = 4.0           # ROLE refuses label tables larger than this
+    em_alpha: Optional[float] = None    # EM / EM+APL entropy weight; None = the paper's value per dataset
+    apl_beta: Optional[float] = None    # EM+APL soft-negative weight; None = the paper's value per dataset
+    apl_warmup_epochs: Optional[int] = None  # EM+APL epochs before pseudo-labelling; None = the paper's
+    state_max_gib: float = 4.0          # ROLE / EM+APL refuse per-sample tables larger than this
 
 
 @dataclass

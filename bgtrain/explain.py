@@ -154,7 +154,8 @@ def heat_overlay(pixels: np.ndarray, heat: np.ndarray, weight: float = 0.5) -> n
     return blended.round().clip(0, 255).astype(np.uint8)
 
 
-def _font(size: int) -> ImageFont.ImageFont:
+def load_font(size: int) -> ImageFont.ImageFont:
+    """PIL's built-in scalable font at ``size`` px (no font files needed)."""
     try:
         return ImageFont.load_default(size=size)
     except TypeError:  # Pillow < 10.1: one fixed bitmap font
@@ -165,11 +166,11 @@ def annotate(image: Image.Image, lines: Sequence[str]) -> Image.Image:
     """Write ``lines`` in the top-left corner on a dark box, with a font scaled to the image."""
     draw = ImageDraw.Draw(image, "RGBA")
     size = max(7, image.width // 14)
-    font = _font(size)
+    font = load_font(size)
     # Shrink the font until the longest line fits: small inputs (64-80 px) are common on CPUs.
     while size > 6 and max(draw.textlength(line, font=font) for line in lines) > image.width - 4:
         size -= 1
-        font = _font(size)
+        font = load_font(size)
     height = size + 2
     width = int(max(draw.textlength(line, font=font) for line in lines)) + 4
     draw.rectangle((0, 0, min(width, image.width), height * len(lines) + 2), fill=(0, 0, 0, 150))

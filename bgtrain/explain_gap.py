@@ -30,7 +30,7 @@ from PIL import Image, ImageDraw
 
 from bgtrain.data import build_loader
 from bgtrain.distributed import WorldInfo
-from bgtrain.explain import _font, class_names_for, load_model_for_eval
+from bgtrain.explain import class_names_for, load_font, load_model_for_eval
 from bgtrain.ops.reference import boostlu as boostlu_reference
 from bgtrain.progress import RankZeroProgress
 
@@ -133,7 +133,7 @@ def draw_histogram(series: dict[str, np.ndarray], title: str, xlabel: str, path:
     left, right, upper, lower = 60, 20, 50, 50
     image = Image.new("RGB", size, "white")
     draw = ImageDraw.Draw(image)
-    font, small = _font(14), _font(11)
+    font, small = load_font(14), load_font(11)
     plot_w, plot_h = width - left - right, height - upper - lower
     draw.text((left, 12), title, fill="black", font=font)
     draw.line((left, upper, left, upper + plot_h, left + plot_w, upper + plot_h), fill="black")
@@ -213,6 +213,7 @@ def collect_pairs(model_a, model_b, loader, max_images: int | None, progress: Ra
         raise ValueError("no images to analyse (empty split, or --max-images 0)")
     merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     merged["images"] = seen
+    merged["cam_size"] = tuple(cam_a.shape[-2:])
     return merged
 
 
@@ -280,7 +281,8 @@ def run_gap(args: argparse.Namespace) -> dict:
         "negative": summarise({k: v[~pos] for k, v in pairs.items() if k in STATS}),
         "per_class_positive": per_class(pairs, names),
     }
-    summary["tail_count"] = tail_count(int(np.prod(model_cam_size(model_a, size, device))))
+    summary["cam_size"] = list(pairs["cam_size"])
+    summary["tail_count"] = tail_count(int(np.prod(pairs["cam_size"])))
     summary["histograms"] = write_histograms(pairs, out, args.bins, f"a ({cfg_a.name})", f"b ({cfg_b.name})")
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     with open(out / "pairs_positive.csv", "w", newline="") as f:
@@ -295,8 +297,3 @@ def run_gap(args: argparse.Namespace) -> dict:
           f"bottom-5% a {p['a']['bottom5']['mean']:.3f} b {p['b']['bottom5']['mean']:.3f}; wrote {out}")
     return summary
 
-
-@torch.no_grad()
-def model_cam_size(model, size: int, device: torch.device) -> tuple[int, int]:
-    """(h, w) of the model's CAM for a size x size input."""
-    return tuple(model.cam(torch.zeros(1, 3, size, size, device=device)).shape[-2:])

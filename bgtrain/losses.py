@@ -151,8 +151,10 @@ scores this rank's share of the training split, and ``state_dict`` / ``load_stat
 """
 
 
-def build_criterion(cfg: LossConfig, dataset: str, num_samples: int = 0, num_classes: int = 0) -> Criterion:
-    """The training loss for a config; ``num_samples`` / ``num_classes`` size per-sample state."""
+def build_criterion(cfg: LossConfig, dataset: str, num_samples: int = 0, num_classes: int = 0,
+                    **stateful: object) -> Criterion:
+    """The training loss for a config; ``num_samples`` / ``num_classes`` size per-sample state and
+    ``stateful`` (epochs, lr, seed) reaches ROLE / EM+APL."""
     scheme = cfg.scheme
     if scheme in ("full", "AN", *LARGE_LOSS_DEFAULT_DELTA):
         return lambda logits, labels, epoch, valid=None, sample_ids=None: large_loss_output(
@@ -173,8 +175,10 @@ def build_criterion(cfg: LossConfig, dataset: str, num_samples: int = 0, num_cla
             raise ValueError(f"loss.expected_positives: no default for dataset {dataset!r}; set it in the config")
         return plain(lambda lg, lb, valid: expected_positive_regulariser(lg, lb, expected, valid))
     if scheme == "EM":
-        return plain(lambda lg, lb, valid: entropy_maximisation(lg, lb, cfg.em_alpha, valid))
+        from bgtrain.pseudo_labels import em_apl_params
+        alpha = em_apl_params(cfg, dataset)[0]
+        return plain(lambda lg, lb, valid: entropy_maximisation(lg, lb, alpha, valid))
     if scheme in ("ROLE", "EM-APL"):
         from bgtrain.pseudo_labels import build_stateful_criterion
-        return build_stateful_criterion(cfg, dataset, num_samples, num_classes)
+        return build_stateful_criterion(cfg, dataset, num_samples, num_classes, **stateful)
     raise ValueError(f"loss.scheme: unknown scheme {scheme!r}")

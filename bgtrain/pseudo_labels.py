@@ -17,7 +17,7 @@ ROLE (reference: github elijahcole/single-positive-multi-label, losses.py ``loss
     observed label matrix, so a row gets these values the first time its sample is seen. This is
     equivalent, because an unseen row is never updated (see above).
   * Memory: N x C x 4 bytes for the table, four times that with its gradient and Adam moments, on each
-    rank. Above ``loss.role_max_gib`` it is refused (OpenImages: 3.6M x 5000 is 67 GiB for the table).
+    rank. Above ``loss.state_max_gib`` it is refused (OpenImages: 3.6M x 5000 is 67 GiB for the table).
 
 EM+APL (reference: github Correr-Zhou/SPML-AckTheUnknown, losses.py ``loss_EM_APL`` and main.py
 ``aysmmetric_pseudo_labeling``): EM, and after every epoch ``t >= warm-up`` a pseudo-labelling pass.
@@ -29,6 +29,10 @@ EM+APL (reference: github Correr-Zhou/SPML-AckTheUnknown, losses.py ``loss_EM_AP
     reference's ``np.argsort`` breaks them in an unspecified order.
   * The targets live in a :class:`SoftNegativeStore` sharded by sample id, like
     :class:`bgtrain.labels.CorrectionStore`, and are looked up per batch on the device.
+
+``bgtrain.losses.build_criterion`` passes only ``cfg.loss``, so the APL pass count assumes the papers' 10
+epochs and the ROLE table learns at 1e-4 (10 x the recipe's lr 1e-5) unless the caller passes ``epochs`` /
+``lr`` to :func:`build_stateful_criterion`.
 
 The losses use exact log-sigmoid terms. The references use ``-log(p + 1e-5)``, which differs from them
 only for saturated scores.
@@ -57,6 +61,8 @@ ROLE_ADAM_COPIES = 4      # table, its gradient, Adam's two moments
 
 # EM+APL, from SPML-AckTheUnknown main.py (keys renamed: "pascal" -> "voc"). The reference also uses
 # batch 8 on VOC and CUB, and lr 1e-4 on CUB; bgtrain's configs keep the shared recipe for those.
+# Datasets the paper did not cover (synthetic, OpenImages, CSV) use these unless the config says otherwise.
+GENERIC_EM_APL = {"alpha": 0.1, "beta": 0.1, "warmup": 1}
 EM_APL_PAPER = {
     "voc": {"alpha": 0.2, "beta": 0.02, "warmup": 5},
     "coco": {"alpha": 0.1, "beta": 0.9, "warmup": 5},
@@ -159,7 +165,7 @@ class RoleCriterion:
         ids, estimate, labels, rows = self._pending
         self._pending = None
         grad = estimate.grad[rows] if estimate.grad is not None else torch.zeros_like(estimate[rows])
-        world = _world()[1]
+        world = _world()[1]  # Adam hardly sees this scale; it keeps the gradient that of the mean rank loss
         ids, labels, grad = all_gather_rows(ids), all_gather_rows(labels), all_gather_rows(grad.float()) / world
         with torch.no_grad():
             fresh = ~self.seen[ids]
@@ -362,15 +368,13 @@ class EmAplCriterion:
 
 # -------------------------------------------------------------------------------------------- factory
 def em_apl_params(cfg: LossConfig, dataset: str) -> tuple[float, float, int]:
-    """(alpha_EM, beta, warm-up): the config's value, or the paper's for this dataset where the config
-    leaves the LossConfig default (a config that spells out the default cannot be told apart)."""
-    paper, default = EM_APL_PAPER.get(dataset, {}), LossConfig()
+    """(alpha_EM, beta, warm-up): the config's value, or the paper's for this dataset where it is null."""
+    paper = EM_APL_PAPER.get(dataset, GENERIC_EM_APL)
 
-    def pick(value, default_value, key):
-        return paper[key] if value == default_value and key in paper else value
+    def pick(value, key):
+        return paper[key] if value is None else value
 
-    return (pick(cfg.em_alpha, default.em_alpha, "alpha"), pick(cfg.apl_beta, default.apl_beta, "beta"),
-            pick(cfg.apl_warmup_epochs, default.apl_warmup_epochs, "warmup"))
+    return pick(cfg.em_alpha, "alpha"), pick(cfg.apl_beta, "beta"), pick(cfg.apl_warmup_epochs, "warmup")
 
 
 def build_stateful_criterion(cfg: LossConfig, dataset: str, num_samples: int, num_classes: int, *,
@@ -382,22 +386,22 @@ def build_stateful_criterion(cfg: LossConfig, dataset: str, num_samples: int, nu
                          f"{num_samples} samples x {num_classes} classes")
     if cfg.scheme == "ROLE":
         table, total = role_memory_gib(num_samples, num_classes)
-        if total > cfg.role_max_gib:
+        if total > cfg.state_max_gib:
             raise ValueError(
                 f"loss.scheme=ROLE keeps a label-estimate table of {num_samples} samples x {num_classes} classes: "
                 f"{table:.1f} GiB, {total:.1f} GiB per rank with its gradient and Adam state, above "
-                f"loss.role_max_gib={cfg.role_max_gib}. ROLE does not scale to this dataset; use a large-loss "
-                f"scheme, or raise loss.role_max_gib if every device has the memory")
+                f"loss.state_max_gib={cfg.state_max_gib}. ROLE does not scale to this dataset; use a large-loss "
+                f"scheme, or raise loss.state_max_gib if every device has the memory")
         expected = cfg.expected_positives or EXPECTED_POSITIVES.get(dataset)
         if expected is None:
             raise ValueError(f"loss.expected_positives: no default for dataset {dataset!r}; set it in the config")
         return RoleCriterion(num_samples, num_classes, expected, lr, seed)
     if cfg.scheme == "EM-APL":
         size = num_samples * num_classes * 4 / GIB
-        if size > cfg.role_max_gib:
+        if size > cfg.state_max_gib:
             raise ValueError(f"loss.scheme=EM-APL keeps a soft-label table of {num_samples} x {num_classes} "
-                             f"({size:.1f} GiB, gathered whole for checkpoints), above loss.role_max_gib="
-                             f"{cfg.role_max_gib}")
+                             f"({size:.1f} GiB, gathered whole for checkpoints), above loss.state_max_gib="
+                             f"{cfg.state_max_gib}")
         alpha, beta, warmup = em_apl_params(cfg, dataset)
         return EmAplCriterion(num_samples, num_classes, alpha, beta, warmup, epochs)
     raise ValueError(f"loss.scheme: {cfg.scheme!r} has no per-sample state (ROLE or EM-APL)")

@@ -110,7 +110,8 @@ def run(cfg: TrainConfig) -> dict:
     model = build_model(cfg.model, train_loader.num_classes)
     engine = build_engine(cfg, model, world, device)
     criterion = build_criterion(cfg.loss, train_loader.info.dataset, train_loader.info.num_samples,
-                                train_loader.num_classes)
+                                train_loader.num_classes, epochs=cfg.optim.epochs,
+                                lr=cfg.optim.lr * cfg.optim.head_lr_mult, seed=cfg.seed)
     store = CorrectionStore(train_loader.num_classes, world.rank, world.world_size)
     saver = ckpt.CheckpointSaver(out_dir / "checkpoints", cfg.checkpoint.keep_last)
     progress = RankZeroProgress(world.is_main)
@@ -163,7 +164,7 @@ def run(cfg: TrainConfig) -> dict:
                 store.record(batch.sample_id, out.corrections & batch.valid[:, None])
             global_step += 1
             step_s = time.perf_counter() - tick
-            progress.advance(task, f"loss {out.loss.item():.4f}")
+            progress.advance(task, f"loss {out.loss.item():.4f}  data {data_s:.3f}s / step {step_s:.3f}s")
             if global_step % cfg.log_every == 0:
                 log.write(kind="train", epoch=epoch, step=global_step, loss=out.loss.item(),
                           selected=int(out.selected.sum()), corrections=len(store), data_s=round(data_s, 4),

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
@@ -69,7 +70,7 @@ def test_pair_statistics_on_a_4x4_cam_match_hand_values() -> None:
 
 def test_summary_counts_where_b_is_lower() -> None:
     pairs = {"spearman": np.array([1.0, 0.5, np.nan])}
-    for i, name in enumerate(("top5", "bottom5", "top5_boosted", "bottom5_boosted")):
+    for name in ("top5", "bottom5", "top5_boosted", "bottom5_boosted"):
         pairs[f"{name}_a"] = np.array([1.0, 2.0, 3.0])
         pairs[f"{name}_b"] = np.array([0.5, 2.5, 1.0])
     out = summarise(pairs)
@@ -100,7 +101,7 @@ def _train(shards: Path, out: Path, *overrides: str) -> Path:
            f"data.shards={shards}", f"out_dir={out}", "optim.epochs=1", "data.workers=0", "model.alpha_train=1.0",
            *overrides]
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**__import__("os").environ, "OMP_NUM_THREADS": "1"})
+                          env={**os.environ, "OMP_NUM_THREADS": "1"})
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     return out / "checkpoints" / "best.pt"
 
@@ -169,7 +170,7 @@ def test_gap_cli_writes_summary_and_histograms(tiny) -> None:
     assert main(["gap", "--a", str(tiny["full"]), "--b", str(tiny["an"]), "--shards", str(tiny["shards"]),
                  "--split", "test", "--max-images", "10", "--out", str(out)]) == 0
     summary = json.loads((out / "summary.json").read_text())
-    assert summary["images"] == 10
+    assert summary["images"] == 10 and summary["cam_size"] == [2, 2] and summary["tail_count"] == 1
     assert summary["a"]["scheme"] == "full" and summary["b"]["scheme"] == "AN"
     for kind in ("positive", "negative"):
         part = summary[kind]

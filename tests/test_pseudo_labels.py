@@ -94,9 +94,9 @@ def test_em_apl_loss_matches_formula():
 
 # ------------------------------------------------------------------------------------- ROLE's table
 def test_role_refuses_openimages_size_with_a_clear_message():
-    with pytest.raises(ValueError, match=r"3600000 samples x 5000 classes: 67\.1 GiB.*loss\.role_max_gib=4\.0"):
+    with pytest.raises(ValueError, match=r"3600000 samples x 5000 classes: 67\.1 GiB.*loss\.state_max_gib=4\.0"):
         build_criterion(LossConfig(scheme="ROLE"), "openimages", 3_600_000, 5000)
-    with pytest.raises(ValueError, match="loss.role_max_gib"):
+    with pytest.raises(ValueError, match="loss.state_max_gib"):
         build_criterion(LossConfig(scheme="EM-APL"), "openimages", 3_600_000, 5000)
     assert isinstance(build_criterion(LossConfig(scheme="ROLE"), "nuswide", 120_000, 81), RoleCriterion)
 
