@@ -3,7 +3,11 @@ from __future__ import annotations
 
 import datetime
 import os
+import re
+import socket
+import subprocess
 from dataclasses import dataclass
+from typing import Mapping
 
 import torch
 import torch.distributed as dist
@@ -11,39 +15,64 @@ import torch.distributed as dist
 
 @dataclass(frozen=True)
 class WorldInfo:
+    """Where this process sits in the job."""
+
     rank: int = 0
     world_size: int = 1
     local_rank: int = 0
     local_world_size: int = 1
+    master_addr: str = "127.0.0.1"
+    master_port: int = 29500
+    launcher: str = "single"  # "torchrun" (or RANK/WORLD_SIZE set by hand: "env"), "slurm" or "single"
+    node: str = ""            # Slurm node name, else the host name
 
     @property
     def is_main(self) -> bool:
         return self.rank == 0
 
 
-def world_info_from_env() -> WorldInfo:
-    """Ranks from torchrun (RANK, WORLD_SIZE, LOCAL_RANK) or, failing that, from Slurm's srun variables."""
-    env = os.environ
-    if "RANK" in env and "WORLD_SIZE" in env:
-        return WorldInfo(int(env["RANK"]), int(env["WORLD_SIZE"]), int(env.get("LOCAL_RANK", 0)),
-                         int(env.get("LOCAL_WORLD_SIZE", 1)))
-    if "SLURM_PROCID" in env and "SLURM_STEP_NUM_TASKS" in env:
-        # Step variables, not job ones: inside sbatch but outside srun, SLURM_NTASKS counts tasks that
-        # do not exist yet. Tasks per node may differ per node ("2(x3),1"); this node's is SLURM_LOCALID's.
-        node = int(env.get("SLURM_NODEID", 0))
-        per_node = _expand_tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE", "1"))
-        return WorldInfo(int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]),
-                         int(env.get("SLURM_LOCALID", 0)), per_node[min(node, len(per_node) - 1)])
-    return WorldInfo()
-
-
-def _expand_tasks_per_node(spec: str) -> list[int]:
-    """Slurm's compressed list "2(x3),1" -> [2, 2, 2, 1]."""
-    out = []
+def expand_tasks_per_node(spec: str) -> list[int]:
+    """Expand Slurm's ``SLURM_STEP_TASKS_PER_NODE`` form, e.g. ``2(x3),1`` -> [2, 2, 2, 1]."""
+    out: list[int] = []
     for part in spec.split(","):
-        count, _, repeat = part.partition("(x")
-        out += [int(count)] * (int(repeat.rstrip(")")) if repeat else 1)
+        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
+        if not m:
+            raise ValueError(f"cannot parse tasks-per-node {spec!r}")
+        out += [int(m.group(1))] * int(m.group(2) or 1)
     return out
+
+
+def first_host(nodelist: str) -> str:
+    """First host name of a Slurm nodelist such as ``node[1-2]``, via `scontrol show hostnames`."""
+    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
+    return out.stdout.split()[0]
+
+
+def default_port(job_id: str | None) -> int:
+    """A port derived from the job id, so two jobs sharing a node do not collide."""
+    return 20000 + int(job_id) % 20000 if job_id and job_id.isdigit() else 29500
+
+
+def world_info_from_env(env: Mapping[str, str] | None = None) -> WorldInfo:
+    """Rank, world size and rendezvous address from torchrun's variables, else from an srun step's."""
+    env = os.environ if env is None else env
+    node = env.get("SLURMD_NODENAME") or socket.gethostname()
+    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, or set by hand
+        world = int(env["WORLD_SIZE"])
+        return WorldInfo(int(env["RANK"]), world, int(env.get("LOCAL_RANK", 0)),
+                         int(env.get("LOCAL_WORLD_SIZE", world)), env.get("MASTER_ADDR", "127.0.0.1"),
+                         int(env.get("MASTER_PORT", 29500)), "torchrun" if "TORCHELASTIC_RUN_ID" in env else "env",
+                         node)
+    # SLURM_STEP_NUM_TASKS is set inside an srun step only: in the batch script itself SLURM_NTASKS
+    # counts tasks that do not exist yet, and waiting for them would hang.
+    if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:
+        per_node = expand_tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE", env["SLURM_STEP_NUM_TASKS"]))
+        node_id = int(env.get("SLURM_NODEID", 0))
+        addr = env.get("MASTER_ADDR") or first_host(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"])
+        port = int(env.get("MASTER_PORT") or default_port(env.get("SLURM_JOB_ID")))
+        return WorldInfo(int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]), int(env.get("SLURM_LOCALID", 0)),
+                         per_node[min(node_id, len(per_node) - 1)], addr, port, "slurm", node)
+    return WorldInfo(node=node)
 
 
 def init_distributed(timeout_s: int = 300) -> tuple[WorldInfo, torch.device]:
@@ -57,9 +86,12 @@ def init_distributed(timeout_s: int = 300) -> tuple[WorldInfo, torch.device]:
     if info.world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
         try:
-            dist.init_process_group(backend, timeout=datetime.timedelta(seconds=timeout_s))
+            # Under torchrun env:// reuses the agent's store (elastic restarts); a bare srun step has none.
+            init = "env://" if info.launcher in ("torchrun", "env") else f"tcp://{info.master_addr}:{info.master_port}"
+            dist.init_process_group(backend, init_method=init, rank=info.rank, world_size=info.world_size,
+                                    timeout=datetime.timedelta(seconds=timeout_s))
         except Exception as e:  # a rank that never arrives surfaces here as a timeout
-            where = f"{os.environ.get('MASTER_ADDR', '?')}:{os.environ.get('MASTER_PORT', '?')}"
+            where = f"{info.master_addr}:{info.master_port}"
             raise RuntimeError(f"rank {info.rank}/{info.world_size}: process group at {where} did not form "
                                f"within {timeout_s}s (engine.timeout_s); are all ranks started? ({e})") from e
     return info, device

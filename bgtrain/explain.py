@@ -18,6 +18,8 @@ import dataclasses
 import json
 import re
 import sys
+import typing
+import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -41,11 +43,34 @@ _TOPK = re.compile(r"^top(\d+)$")
 
 # ----------------------------------------------------------------------------------------------- model loading
 
+def _known_keys(cls: type, tree: dict, prefix: str, dropped: list[str]) -> dict:
+    """``tree`` without the keys ``cls`` no longer has (recursively), their dotted names added to ``dropped``."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in tree.items():
+        if key not in fields:
+            dropped.append(prefix + key)
+        elif dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            out[key] = _known_keys(hints[key], value, f"{prefix}{key}.", dropped)
+        else:
+            out[key] = value
+    return out
+
+
 def config_from_checkpoint(state: dict) -> TrainConfig:
-    """The TrainConfig a checkpoint was trained with (its ``config`` entry, typed and checked)."""
+    """The TrainConfig a checkpoint was trained with (its ``config`` entry, typed and checked).
+
+    Explanations only need the model and data sections, so keys that this version of the config no longer has
+    (a checkpoint from an older bgtrain) are dropped with a warning instead of refusing the checkpoint.
+    """
     if "config" not in state:
         raise ConfigError("checkpoint has no 'config' entry (was it written by bgtrain.train?)")
-    return _build(TrainConfig, state["config"], "")
+    dropped: list[str] = []
+    tree = _known_keys(TrainConfig, state["config"], "", dropped)
+    if dropped:
+        warnings.warn(f"checkpoint config keys unknown to this bgtrain, ignored: {', '.join(dropped)}")
+    return _build(TrainConfig, tree, "")
 
 
 def _model_state(state: dict, path: Path) -> dict:

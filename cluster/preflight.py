@@ -12,10 +12,8 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import shutil
 import socket
-import subprocess
 import sys
 import tarfile
 import time
@@ -26,21 +24,9 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from bgtrain.distributed import WorldInfo, world_info_from_env
+
 console = Console(stderr=True)
-
-
-@dataclass(frozen=True)
-class WorldInfo:
-    """Where this process sits in the job. Unify with bgtrain.distributed.world_info_from_env."""
-
-    rank: int
-    world_size: int
-    local_rank: int
-    local_world_size: int
-    master_addr: str
-    master_port: int
-    launcher: str  # "torchrun", "slurm" or "single"
-    node: str  # Slurm node name, else the host name
 
 
 @dataclass(frozen=True)
@@ -52,50 +38,6 @@ class Check:
     name: str
     ok: bool
     detail: str
-
-
-def expand_tasks_per_node(spec: str) -> list[int]:
-    """Expand Slurm's ``SLURM_STEP_TASKS_PER_NODE`` form, e.g. ``2(x3),1`` -> [2, 2, 2, 1]."""
-    out: list[int] = []
-    for part in spec.split(","):
-        m = re.fullmatch(r"(\d+)(?:\(x(\d+)\))?", part.strip())
-        if not m:
-            raise ValueError(f"cannot parse tasks-per-node {spec!r}")
-        out += [int(m.group(1))] * int(m.group(2) or 1)
-    return out
-
-
-def first_host(nodelist: str) -> str:
-    """First host name of a Slurm nodelist such as ``node[1-2]``, via `scontrol show hostnames`."""
-    out = subprocess.run(["scontrol", "show", "hostnames", nodelist], capture_output=True, text=True, check=True)
-    return out.stdout.split()[0]
-
-
-def default_port(job_id: str | None) -> int:
-    """A port derived from the job id, so two jobs sharing a node do not collide."""
-    return 20000 + int(job_id) % 20000 if job_id and job_id.isdigit() else 29500
-
-
-def world_info_from_env(env: os._Environ | dict | None = None) -> WorldInfo:
-    """Read rank, world size and rendezvous address from torchrun's or Slurm's variables."""
-    env = os.environ if env is None else env
-    node = env.get("SLURMD_NODENAME") or socket.gethostname()
-    if "RANK" in env and "WORLD_SIZE" in env:  # torchrun, or set by hand
-        world = int(env["WORLD_SIZE"])
-        return WorldInfo(int(env["RANK"]), world, int(env.get("LOCAL_RANK", 0)),
-                         int(env.get("LOCAL_WORLD_SIZE", world)), env.get("MASTER_ADDR", "127.0.0.1"),
-                         int(env.get("MASTER_PORT", 29500)), "torchrun" if "TORCHELASTIC_RUN_ID" in env else "env",
-                         node)
-    # SLURM_STEP_NUM_TASKS is set inside an srun step only: in the batch script itself SLURM_NTASKS
-    # counts tasks that do not exist yet, and waiting for them would hang.
-    if "SLURM_STEP_NUM_TASKS" in env and "SLURM_PROCID" in env:
-        per_node = expand_tasks_per_node(env.get("SLURM_STEP_TASKS_PER_NODE", env["SLURM_STEP_NUM_TASKS"]))
-        node_id = int(env.get("SLURM_NODEID", 0))
-        addr = env.get("MASTER_ADDR") or first_host(env.get("SLURM_STEP_NODELIST") or env["SLURM_JOB_NODELIST"])
-        port = int(env.get("MASTER_PORT") or default_port(env.get("SLURM_JOB_ID")))
-        return WorldInfo(int(env["SLURM_PROCID"]), int(env["SLURM_STEP_NUM_TASKS"]), int(env.get("SLURM_LOCALID", 0)),
-                         per_node[min(node_id, len(per_node) - 1)], addr, port, "slurm", node)
-    return WorldInfo(0, 1, 0, 1, "127.0.0.1", 0, "single", node)
 
 
 def check_devices(world: WorldInfo, procs_per_node: int | None, require_gpu: bool) -> Check:

@@ -10,7 +10,7 @@ from pathlib import Path
 
 import pytest
 
-from cluster.preflight import expand_tasks_per_node, world_info_from_env
+from bgtrain.distributed import expand_tasks_per_node, world_info_from_env
 
 REPO = Path(__file__).resolve().parents[1]
 
