@@ -8,8 +8,8 @@ The paper's finding: a model trained with false negatives (AN on partial labels)
 full-label model's CAM on positive classes (high Spearman) but its strongest attributions are smaller; BoostLU
 scales them back up. The statistics are taken on the **raw CAM** (1x1 conv output with bias, before BoostLU) of
 both models, which is what the paper compares; the same tails after each model's own BoostLU (``alpha_eval``)
-are reported too, as ``*_boosted``, since that is the map a BoostLU model's logit averages. BoostLU is strictly
-increasing, so it never changes a Spearman correlation.
+are reported too, as ``*_boosted`` (``--alpha-a/--alpha-b`` override the alphas), since that is the map a
+BoostLU model's logit averages. BoostLU is strictly increasing, so it never changes a Spearman correlation.
 
 Outputs: ``summary.json`` (mean, median, std, count per statistic, for positives and negatives, for a and b,
 plus per-class means on positives), ``pairs_positive.csv`` and histograms as PNG (numpy + PIL, no matplotlib).
@@ -173,6 +173,10 @@ def add_gap_arguments(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--split", default="test", help="split (default test)")
     parser.add_argument("--max-images", type=int, default=None, help="stop after this many images")
     parser.add_argument("--size", type=int, default=None, help="input size in px (default: a's data.image_size)")
+    parser.add_argument("--alpha-a", type=float, default=None,
+                        help="BoostLU alpha of a for the *_boosted statistics (default: a's alpha_eval)")
+    parser.add_argument("--alpha-b", type=float, default=None,
+                        help="same for b; e.g. 5 on an alpha-1 model = 'BoostLU in inference only'")
     parser.add_argument("--batch-size", type=int, default=32)
     parser.add_argument("--bins", type=int, default=30, help="histogram bins")
     parser.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -182,7 +186,7 @@ def add_gap_arguments(parser: argparse.ArgumentParser) -> None:
 @torch.no_grad()
 def collect_pairs(model_a, model_b, loader, max_images: int | None, progress: RankZeroProgress) -> dict:
     """Per (image, known class): statistics of STATS plus sample id, class id and label, over the loader."""
-    alpha_a, alpha_b = model_a.alpha_eval, model_b.alpha_eval
+    alpha_a, alpha_b = model_a.alpha_eval, model_b.alpha_eval  # run_gap sets them from --alpha-a/--alpha-b
     parts: list[dict[str, np.ndarray]] = []
     seen = 0
     total = len(loader) if max_images is None else min(len(loader), math.ceil(max_images / loader.batch_size))
@@ -253,6 +257,11 @@ def run_gap(args: argparse.Namespace) -> dict:
     model_b, cfg_b = load_model_for_eval(args.b, device)
     if model_a.num_classes != model_b.num_classes:
         raise ValueError(f"--a has {model_a.num_classes} classes, --b {model_b.num_classes}: not comparable")
+    for model, alpha, flag in ((model_a, args.alpha_a, "--alpha-a"), (model_b, args.alpha_b, "--alpha-b")):
+        if alpha is not None:
+            if alpha < 1:
+                raise ValueError(f"{flag} {alpha}: BoostLU needs alpha >= 1")
+            model.alpha_eval = float(alpha)  # only the *_boosted statistics read it; raw CAMs ignore alpha
     names = class_names_for(cfg_a, model_a.num_classes, args.shards)
     size = args.size or cfg_a.data.image_size
     if args.max_images is not None and args.max_images < 1:
@@ -271,11 +280,13 @@ def run_gap(args: argparse.Namespace) -> dict:
     pos = pairs["positive"]
     summary = {
         "a": {"checkpoint": str(args.a), "name": cfg_a.name, "scheme": cfg_a.loss.scheme, "labels": cfg_a.data.labels,
-              "alpha_train": cfg_a.model.alpha_train, "alpha_eval": cfg_a.model.alpha_eval},
+              "alpha_train": cfg_a.model.alpha_train, "alpha_eval": cfg_a.model.alpha_eval,
+              "alpha_boosted": model_a.alpha_eval},
         "b": {"checkpoint": str(args.b), "name": cfg_b.name, "scheme": cfg_b.loss.scheme, "labels": cfg_b.data.labels,
-              "alpha_train": cfg_b.model.alpha_train, "alpha_eval": cfg_b.model.alpha_eval},
+              "alpha_train": cfg_b.model.alpha_train, "alpha_eval": cfg_b.model.alpha_eval,
+              "alpha_boosted": model_b.alpha_eval},
         "shards": str(args.shards), "split": args.split, "images": int(pairs["images"]), "image_size": size,
-        "cam": "raw (1x1 conv output with bias, before BoostLU); *_boosted: after each model's alpha_eval",
+        "cam": "raw (1x1 conv output with bias, before BoostLU); *_boosted: after BoostLU at alpha_boosted",
         "tail_fraction": TAIL,
         "positive": summarise({k: v[pos] for k, v in pairs.items() if k in STATS}),
         "negative": summarise({k: v[~pos] for k, v in pairs.items() if k in STATS}),

@@ -36,27 +36,11 @@ for v in BGTRAIN_CHECKPOINT BGTRAIN_SHARDS; do
 done
 if [ ! -f "$BGTRAIN_CHECKPOINT" ]; then log "BGTRAIN_CHECKPOINT=$BGTRAIN_CHECKPOINT: no such file"; exit 2; fi
 
-PYTHON=${BGTRAIN_PYTHON:-python}
-JOB_DIR=runs/slurm/$SLURM_JOB_ID
-mkdir -p "$JOB_DIR"
-STDOUT=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *StdOut=//p')
-[ -n "$STDOUT" ] && ln -sfn "$STDOUT" "$JOB_DIR/batch.log"
-
-NGPU=0
-if command -v nvidia-smi >/dev/null 2>&1; then
-    NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
-    if [ -n "${CUDA_VISIBLE_DEVICES:-}" ] && [ "$NGPU" -gt 0 ]; then
-        NGPU=$(echo "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c .)
-    fi
-fi
-if [ "$NGPU" -gt 0 ]; then
-    NPROC=${NPROC:-${GPUS_PER_NODE:-8}}
-    log "$NGPU GPU(s) visible on $(hostname); $NPROC process(es) per node on NCCL"
-else
-    NPROC=${NPROC:-2}
-    log "no GPU found on $(hostname) (nvidia-smi missing or lists no GPU): falling back to $NPROC CPU" \
-        "process(es) per node on gloo"
-fi
+# sbatch runs a spooled copy of this file: find the original (and common.sh beside it) from the job record.
+SCRIPT=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')
+source "$(dirname "${SCRIPT:-slurm/x}")/common.sh" || { log "cannot find slurm/common.sh next to $SCRIPT"; exit 2; }
+job_folder
+detect_devices
 
 read -r -a EVAL_ARGS <<< "${BGTRAIN_EVAL_ARGS:-}"
 [[ " ${EVAL_ARGS[*]} " == *" --out"* ]] || EVAL_ARGS+=(--out "$JOB_DIR")

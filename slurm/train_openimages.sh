@@ -44,30 +44,11 @@ if [ -z "${SLURM_JOB_ID:-}" ]; then
 fi
 
 BGTRAIN_CONFIG=${BGTRAIN_CONFIG:-configs/openimages_llr_boostlu.yaml}
-PYTHON=${BGTRAIN_PYTHON:-python}
-JOB_DIR=runs/slurm/$SLURM_JOB_ID
-mkdir -p "$JOB_DIR"
-STDOUT=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *StdOut=//p')
-[ -n "$STDOUT" ] && ln -sfn "$STDOUT" "$JOB_DIR/batch.log"
-
-# Devices: GPU count on this (the first) node; nodes of one job are assumed alike, preflight checks each.
-NGPU=0
-if command -v nvidia-smi >/dev/null 2>&1; then
-    NGPU=$(nvidia-smi -L 2>/dev/null | grep -c '^GPU ' || true)
-    if [ -n "${CUDA_VISIBLE_DEVICES:-}" ] && [ "$NGPU" -gt 0 ]; then
-        NGPU=$(echo "$CUDA_VISIBLE_DEVICES" | tr ',' '\n' | grep -c .)
-    fi
-fi
-if [ "$NGPU" -gt 0 ]; then
-    DEVICE=gpu
-    NPROC=${NPROC:-${GPUS_PER_NODE:-8}}
-    log "$NGPU GPU(s) visible on $(hostname); $NPROC process(es) per node on NCCL"
-else
-    DEVICE=cpu
-    NPROC=${NPROC:-2}
-    log "no GPU found on $(hostname) (nvidia-smi missing or lists no GPU): falling back to $NPROC CPU" \
-        "process(es) per node on gloo"
-fi
+# sbatch runs a spooled copy of this file: find the original (and common.sh beside it) from the job record.
+SCRIPT=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *Command=\([^ ]*\).*/\1/p')
+source "$(dirname "${SCRIPT:-slurm/x}")/common.sh" || { log "cannot find slurm/common.sh next to $SCRIPT"; exit 2; }
+job_folder
+detect_devices
 
 # Overrides: word-split on purpose (key=value items); the job folder is the run folder unless set.
 read -r -a OVERRIDES <<< "${BGTRAIN_OVERRIDES:-}"

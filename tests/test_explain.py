@@ -195,3 +195,14 @@ def test_gap_of_a_model_with_itself_is_perfect_agreement(tiny) -> None:
     positive = json.loads((out / "summary.json").read_text())["positive"]
     assert positive["spearman"]["mean"] == pytest.approx(1.0)
     assert positive["top5_b_minus_a"]["mean"] == 0.0 and positive["bottom5_b_minus_a"]["mean"] == 0.0
+
+
+def test_checkpoint_config_from_an_older_bgtrain_loads_with_a_warning() -> None:
+    from bgtrain.config import TrainConfig, to_dict
+    from bgtrain.explain import config_from_checkpoint
+    tree = to_dict(TrainConfig())
+    tree["loss"]["retired_setting"] = 1.0                            # a key a later config.py dropped
+    tree["model"]["alpha_eval"] = 3.0
+    with pytest.warns(UserWarning, match="loss.retired_setting"):
+        cfg = config_from_checkpoint({"config": tree})
+    assert cfg.model.alpha_eval == 3.0
