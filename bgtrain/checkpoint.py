@@ -6,13 +6,18 @@ best-by-validation checkpoint are kept. Everything is loaded with ``weights_only
 """
 from __future__ import annotations
 
+import dataclasses
 import os
 import random
 import re
+import typing
+import warnings
 from pathlib import Path
 
 import numpy as np
 import torch
+
+from bgtrain.config import ConfigError, TrainConfig, _build
 
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
 
@@ -99,17 +104,62 @@ class CheckpointSaver:
         return path
 
 
-def load_model_for_eval(path: str | Path, device: torch.device | str = "cpu"):
-    """(CamResNet in eval mode with the checkpoint's weights, its TrainConfig) from a training checkpoint."""
-    from bgtrain.config import config_from_dict
+def _known_keys(cls: type, tree: dict, prefix: str, dropped: list[str]) -> dict:
+    """``tree`` without the keys ``cls`` no longer has (recursively), their dotted names added to ``dropped``."""
+    fields = {f.name: f for f in dataclasses.fields(cls)}
+    hints = typing.get_type_hints(cls)
+    out = {}
+    for key, value in tree.items():
+        if key not in fields:
+            dropped.append(prefix + key)
+        elif dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
+            out[key] = _known_keys(hints[key], value, f"{prefix}{key}.", dropped)
+        else:
+            out[key] = value
+    return out
+
+
+def config_from_checkpoint(state: dict):
+    """The TrainConfig a checkpoint was trained with (its ``config`` entry, typed and checked).
+
+    Explanations only need the model and data sections, so keys that this version of the config no longer has
+    (a checkpoint from an older bgtrain) are dropped with a warning instead of refusing the checkpoint.
+    """
+    if "config" not in state:
+        raise ConfigError("checkpoint has no 'config' entry (was it written by bgtrain.train?)")
+    dropped: list[str] = []
+    tree = _known_keys(TrainConfig, state["config"], "", dropped)
+    if dropped:
+        warnings.warn(f"checkpoint config keys unknown to this bgtrain, ignored: {', '.join(dropped)}")
+    return _build(TrainConfig, tree, "")
+
+
+def _model_state(state: dict, path: Path) -> dict:
+    engine = state.get("engine")
+    if not isinstance(engine, dict) or "model" not in engine:
+        raise KeyError(f"{path}: no engine.model state dict in this checkpoint "
+                       f"(top-level keys: {sorted(state)})")
+    # Wrappers (DDP, torch.compile) prefix parameter names; the bare module does not.
+    out = {}
+    for key, value in engine["model"].items():
+        for prefix in ("module.", "_orig_mod."):
+            key = key[len(prefix):] if key.startswith(prefix) else key
+        out[key] = value
+    return out
+
+
+def load_model_for_eval(path: str | Path, device: str | torch.device = "cpu"):
+    """A checkpoint's CamResNet in eval mode on ``device``, and the TrainConfig it was trained with."""
     from bgtrain.model import build_model
 
+    path = Path(path)
     state = load(path)
-    if "engine" not in state or "config" not in state:
-        raise ValueError(f"{path}: not a bgtrain training checkpoint (no 'engine'/'config' entries)")
-    cfg = config_from_dict(state["config"])
-    weights = state["engine"]["model"]
-    num_classes = weights["classifier.bias"].shape[0]
-    model = build_model(cfg.model, num_classes)
+    cfg = config_from_checkpoint(state)
+    weights = _model_state(state, path)
+    if "classifier.weight" not in weights:
+        raise KeyError(f"{path}: model state has no classifier.weight (is this a CamResNet checkpoint?)")
+    num_classes = weights["classifier.weight"].shape[0]
+    # The trained weights replace any pretrained file, which may not exist on this machine.
+    model = build_model(dataclasses.replace(cfg.model, pretrained=None, channels_last=False), num_classes)
     model.load_state_dict(weights)
     return model.to(device).eval(), cfg

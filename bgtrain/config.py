@@ -249,13 +249,6 @@ def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConf
     return cfg
 
 
-def config_from_dict(tree: dict) -> TrainConfig:
-    """A TrainConfig from its dict form (as saved in checkpoints), validated like a file."""
-    cfg = _build(TrainConfig, tree, "")
-    _validate(cfg)
-    return cfg
-
-
 def to_dict(cfg: TrainConfig) -> dict:
     return dataclasses.asdict(cfg)
 

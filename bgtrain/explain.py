@@ -18,8 +18,6 @@ import dataclasses
 import json
 import re
 import sys
-import typing
-import warnings
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -29,77 +27,16 @@ import torch
 import torch.nn.functional as F
 from PIL import Image, ImageDraw, ImageFont
 
-from bgtrain import checkpoint as ckpt
-from bgtrain.config import ConfigError, TrainConfig, _build
+from bgtrain.checkpoint import load_model_for_eval
+from bgtrain.config import ConfigError, TrainConfig
 from bgtrain.data import build_loader
 from bgtrain.data.common import IMAGENET_MEAN, IMAGENET_STD, normalise
 from bgtrain.data.wds import decode_image
 from bgtrain.distributed import WorldInfo
-from bgtrain.model import CamResNet, build_model
+from bgtrain.model import CamResNet
 from shards.format import read_manifest
 
 _TOPK = re.compile(r"^top(\d+)$")
-
-
-# ----------------------------------------------------------------------------------------------- model loading
-
-def _known_keys(cls: type, tree: dict, prefix: str, dropped: list[str]) -> dict:
-    """``tree`` without the keys ``cls`` no longer has (recursively), their dotted names added to ``dropped``."""
-    fields = {f.name: f for f in dataclasses.fields(cls)}
-    hints = typing.get_type_hints(cls)
-    out = {}
-    for key, value in tree.items():
-        if key not in fields:
-            dropped.append(prefix + key)
-        elif dataclasses.is_dataclass(hints[key]) and isinstance(value, dict):
-            out[key] = _known_keys(hints[key], value, f"{prefix}{key}.", dropped)
-        else:
-            out[key] = value
-    return out
-
-
-def config_from_checkpoint(state: dict) -> TrainConfig:
-    """The TrainConfig a checkpoint was trained with (its ``config`` entry, typed and checked).
-
-    Explanations only need the model and data sections, so keys that this version of the config no longer has
-    (a checkpoint from an older bgtrain) are dropped with a warning instead of refusing the checkpoint.
-    """
-    if "config" not in state:
-        raise ConfigError("checkpoint has no 'config' entry (was it written by bgtrain.train?)")
-    dropped: list[str] = []
-    tree = _known_keys(TrainConfig, state["config"], "", dropped)
-    if dropped:
-        warnings.warn(f"checkpoint config keys unknown to this bgtrain, ignored: {', '.join(dropped)}")
-    return _build(TrainConfig, tree, "")
-
-
-def _model_state(state: dict, path: Path) -> dict:
-    engine = state.get("engine")
-    if not isinstance(engine, dict) or "model" not in engine:
-        raise KeyError(f"{path}: no engine.model state dict in this checkpoint "
-                       f"(top-level keys: {sorted(state)})")
-    # Wrappers (DDP, torch.compile) prefix parameter names; the bare module does not.
-    out = {}
-    for key, value in engine["model"].items():
-        for prefix in ("module.", "_orig_mod."):
-            key = key[len(prefix):] if key.startswith(prefix) else key
-        out[key] = value
-    return out
-
-
-def load_model_for_eval(path: str | Path, device: str | torch.device = "cpu") -> tuple[CamResNet, TrainConfig]:
-    """A checkpoint's CamResNet in eval mode on ``device``, and the TrainConfig it was trained with."""
-    path = Path(path)
-    state = ckpt.load(path)
-    cfg = config_from_checkpoint(state)
-    weights = _model_state(state, path)
-    if "classifier.weight" not in weights:
-        raise KeyError(f"{path}: model state has no classifier.weight (is this a CamResNet checkpoint?)")
-    num_classes = weights["classifier.weight"].shape[0]
-    # The trained weights replace any pretrained file, which may not exist on this machine.
-    model = build_model(dataclasses.replace(cfg.model, pretrained=None, channels_last=False), num_classes)
-    model.load_state_dict(weights)
-    return model.to(device).eval(), cfg
 
 
 def class_names_for(cfg: TrainConfig, num_classes: int, shards: str | None = None) -> list[str]:

@@ -67,7 +67,7 @@ def render(results: list[dict], table: str, dataset: str) -> tuple[Table, str]:
     t = Table(title=f"{table} / {dataset}: test mAP")
     for col in ("row", "ours", "paper", "diff"):
         t.add_column(col, justify="left" if col == "row" else "right")
-    lines = [f"| row | ours | paper | diff |", "|---|---|---|---|"]
+    lines = ["| row | ours | paper | diff |", "|---|---|---|---|"]
     for r in results:
         diff = "–" if r["diff"] is None else f"{r['diff']:+.2f}"
         cells = [r["row"], fmt(r["ours"]) if r["ours"] is not None else f"failed ({r['exit_code']})",

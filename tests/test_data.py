@@ -116,7 +116,6 @@ def test_images_are_normalised_channels_last(smoke_shards):
 
 def test_corrupt_sample_is_skipped_and_counted(tmp_path, smoke_shards):
     import json
-    import shutil
     manifest = json.loads((smoke_shards / "manifest.json").read_text())
     (tmp_path / "train").mkdir()
     names = manifest["classes"]

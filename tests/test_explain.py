@@ -15,7 +15,8 @@ import pytest
 import torch
 from PIL import Image
 
-from bgtrain.explain import choose_classes, jet, load_model_for_eval, main
+from bgtrain.checkpoint import load_model_for_eval
+from bgtrain.explain import choose_classes, jet, main
 from bgtrain.explain_gap import average_ranks, pair_statistics, spearman_rows, summarise, tail_count, tail_means
 
 REPO = Path(__file__).resolve().parents[1]
@@ -199,7 +200,7 @@ def test_gap_of_a_model_with_itself_is_perfect_agreement(tiny) -> None:
 
 def test_checkpoint_config_from_an_older_bgtrain_loads_with_a_warning() -> None:
     from bgtrain.config import TrainConfig, to_dict
-    from bgtrain.explain import config_from_checkpoint
+    from bgtrain.checkpoint import config_from_checkpoint
     tree = to_dict(TrainConfig())
     tree["loss"]["retired_setting"] = 1.0                            # a key a later config.py dropped
     tree["model"]["alpha_eval"] = 3.0
