@@ -8,14 +8,12 @@ the WebDataset path decodes at reduced DCT scale instead; see docs/benchmarks.md
 """
 from __future__ import annotations
 
-import io
 import math
 import tarfile
 
 import numpy as np
 import pytest
 import torch
-from PIL import Image
 
 from bgtrain.data import build_loader
 from bgtrain.data.common import IMAGENET_STD, id_lists_from_lbl
