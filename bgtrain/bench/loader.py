@@ -106,16 +106,21 @@ def _endless_files(dataset: FilesDataset, batch_size: int, workers: int):
 
 
 def run(shards: Path, backends: Sequence[str], batches: int, batch_size: int, workers: int, image_size: int,
-        split: str = "train") -> list[dict]:
-    """Measure each backend on ``shards/split``; returns the JSON records, the speedup record last."""
+        split: str = "train", files_from: Path | None = None) -> list[dict]:
+    """Measure each backend on ``shards/split``; returns the JSON records, the speedup record last.
+
+    ``files`` reads the JPEGs of ``files_from`` (default: the same shards), e.g. the original images that
+    the shard builder shrank to ``--max-side``.
+    """
     info = split_info(shards, split, "observed")
+    files_info = split_info(files_from or shards, split, "observed")
     need = (batches + 1) * batch_size
     if info.num_samples < batch_size:
         raise ValueError(f"{shards / split}: {info.num_samples} samples, fewer than one batch of {batch_size}")
     records = []
     with tempfile.TemporaryDirectory(prefix="bgtrain-files-") as tmp:
         if "files" in backends:
-            paths, labels = unpack(info.shard_paths, Path(tmp), info.num_classes)
+            paths, labels = unpack(files_info.shard_paths, Path(tmp), info.num_classes)
         for backend in backends:
             if backend == "files":
                 stream = _endless_files(FilesDataset(paths, labels, image_size), batch_size, workers)
@@ -150,6 +155,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     src.add_argument("--synthetic", type=int, metavar="N",
                      help="build N synthetic training images into a temporary shard folder instead")
     parser.add_argument("--source-size", type=int, default=512, help="side of synthetic source images (512)")
+    parser.add_argument("--max-side", type=int, default=None,
+                        help="synthetic mode: shrink the shards' images to this longer side, as `python -m shards "
+                             "build --max-side` does, while `files` reads the originals (default: no shrink)")
     parser.add_argument("--backend", nargs="+", choices=BACKENDS, default=list(BACKENDS),
                         help="backends to measure, in this order (default: all three)")
     parser.add_argument("--split", default="train", help="split to read (default train)")
@@ -165,10 +173,38 @@ def main(argv: Sequence[str] | None = None) -> int:
         return 0
     from shards.synthetic import build
     with tempfile.TemporaryDirectory(prefix="bgtrain-bench-shards-") as tmp:
-        build(Path(tmp), num_classes=20, n_train=args.synthetic, n_val=0, n_test=1, size=args.source_size,
+        originals = Path(tmp) / "originals"
+        build(originals, num_classes=20, n_train=args.synthetic, n_val=0, n_test=1, size=args.source_size,
               seed=0, shard_size=max(1, args.synthetic // 4))
-        run(Path(tmp), args.backend, args.batches, args.batch_size, args.workers, args.image_size, args.split)
+        shards = originals
+        if args.max_side:
+            shards = shrink_shards(originals, Path(tmp) / "shrunk", args.max_side, args.split)
+        run(shards, args.backend, args.batches, args.batch_size, args.workers, args.image_size, args.split,
+            files_from=originals)
     return 0
+
+
+def shrink_shards(src: Path, out: Path, max_side: int, split: str) -> Path:
+    """A copy of ``src/split`` whose images went through the shard builder's shrink (``shards.images.prepare``)."""
+    from shards.format import ShardWriter, read_manifest, write_json_atomic
+    from shards.images import prepare
+    manifest = read_manifest(src)
+    (out / split).mkdir(parents=True)
+    entries = []
+    for entry in manifest["splits"][split]["shards"]:
+        writer = ShardWriter(out / split / entry["name"])
+        with tarfile.open(src / split / entry["name"]) as t:
+            members = {m.name: m for m in t.getmembers()}
+            for name in members:
+                if name.endswith(".jpg"):
+                    key = name[: -len(".jpg")]
+                    jpeg, _ = prepare(t.extractfile(members[name]).read(), max_side)
+                    labels = decode_labels(t.extractfile(members[key + ".lbl"]).read())
+                    writer.write(key, jpeg, labels, manifest["classes"])
+        entries.append(writer.close())
+    manifest["splits"] = {split: {**manifest["splits"][split], "shards": entries}}
+    write_json_atomic(out / "manifest.json", manifest)
+    return out
 
 
 if __name__ == "__main__":
