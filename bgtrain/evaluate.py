@@ -194,6 +194,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--group-counts", default="obs_pos", choices=GROUP_COUNT_KEYS,
                    help="manifest train_counts used to order classes into groups")
     p.add_argument("--out", default=None, help="folder for map.json (default: next to the checkpoint)")
+    p.add_argument("--timeout", type=int, default=300, help="process-group timeout in seconds (default 300)")
     return p
 
 
@@ -207,7 +208,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     from shards.format import read_manifest
 
     manifest = read_manifest(args.shards)  # a bad folder fails before any process group
-    world, device = init_distributed()
+    world, device = init_distributed(args.timeout)
     try:
         model, cfg = load_model_for_eval(args.checkpoint, device)
         if args.alpha_eval is not None:

@@ -13,7 +13,7 @@ from tests.conftest import REPO, free_port
 
 
 def train(out: Path, shards: Path, *overrides: str) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--max-restarts=2",
            "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "bgtrain.train",
            "--config", str(REPO / "configs/smoke.yaml"), f"data.shards={shards}", f"out_dir={out}",
            "data.max_batches=3", "log_every=1", "checkpoint.every_steps=0", "loss.scheme=LL-R", *overrides]

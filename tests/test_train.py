@@ -18,7 +18,7 @@ from tests.conftest import REPO, free_port
 STEPS_PER_EPOCH = 8  # 200 samples in shards of 60/60/60/20, 2 ranks x 2 workers, batch 16
 
 
-def torchrun_cmd(out: Path, shards: Path, extra: list[str] = (), max_restarts: int = 0) -> list[str]:
+def torchrun_cmd(out: Path, shards: Path, extra: list[str] = (), max_restarts: int = 2) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
             f"--max-restarts={max_restarts}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
             "-m", "bgtrain.train", "--config", str(REPO / "configs/smoke.yaml"),
@@ -27,7 +27,7 @@ def torchrun_cmd(out: Path, shards: Path, extra: list[str] = (), max_restarts: i
 
 
 def run(cmd: list[str], **kw) -> subprocess.CompletedProcess:
-    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=600, **kw)
+    return subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=1200, **kw)
 
 
 def final_weights(out: Path) -> dict:
@@ -63,10 +63,10 @@ def _workers(proc: subprocess.Popen) -> list[psutil.Process]:
 
 def _wait_for_checkpoint(out: Path, step: int, proc: subprocess.Popen) -> None:
     target = out / "checkpoints" / f"step-{step:09d}.pt"
-    deadline = time.time() + 300
+    deadline = time.time() + 600
     while not target.exists():
         assert proc.poll() is None, "training ended before the checkpoint to interrupt at"
-        assert time.time() < deadline, f"no {target} after 300 s"
+        assert time.time() < deadline, f"no {target} after 600 s"
         time.sleep(0.02)
 
 
@@ -81,12 +81,12 @@ def _assert_same_run(a: Path, b: Path) -> None:
 
 def test_sigkill_of_one_rank_mid_epoch_restarts_and_matches_uninterrupted(smoke_shards, tmp_path, uninterrupted):
     out = tmp_path / "killed"
-    proc = subprocess.Popen(torchrun_cmd(out, smoke_shards, max_restarts=2), cwd=REPO,
+    proc = subprocess.Popen(torchrun_cmd(out, smoke_shards), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _wait_for_checkpoint(out, STEPS_PER_EPOCH + 1, proc)  # mid-epoch 2
     victim = next(w for w in _workers(proc) if w.environ().get("LOCAL_RANK") == "1")
     victim.send_signal(signal.SIGKILL)
-    log, _ = proc.communicate(timeout=600)
+    log, _ = proc.communicate(timeout=1200)
     assert proc.returncode == 0, log[-3000:]
     assert "resumed from" in log
     _assert_same_run(uninterrupted, out)
@@ -99,7 +99,7 @@ def test_stop_signal_then_resume_latest_matches_uninterrupted(smoke_shards, tmp_
     _wait_for_checkpoint(out, STEPS_PER_EPOCH + 1, proc)
     for worker in _workers(proc):
         worker.send_signal(signal.SIGUSR1)
-    log, _ = proc.communicate(timeout=600)
+    log, _ = proc.communicate(timeout=1200)
     assert proc.returncode == 0, log[-3000:]
     assert "stop requested" in log and not (out / "results.json").exists()
     resumed = run(torchrun_cmd(out, smoke_shards))
@@ -118,9 +118,9 @@ def test_config_error_fails_before_any_process_group(tmp_path):
 
 def test_evaluate_cli_on_two_ranks_reproduces_the_trainings_test_map(smoke_shards, uninterrupted, tmp_path):
     proc = run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-                "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "bgtrain.evaluate",
+                "--max-restarts=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "bgtrain.evaluate",
                 "--checkpoint", str(uninterrupted / "checkpoints" / "best.pt"), "--shards", str(smoke_shards),
-                "--groups", "2", "--out", str(tmp_path)])
+                "--groups", "2", "--timeout", "60", "--out", str(tmp_path)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     report = json.loads((tmp_path / "map_test.json").read_text())
     trained = json.loads((uninterrupted / "results.json").read_text())
