@@ -5,6 +5,8 @@ Every reference here is written out from the published procedure, not taken from
 """
 from __future__ import annotations
 
+import datetime
+
 import os
 import socket
 
@@ -212,7 +214,8 @@ def _free_port() -> int:
 
 def _two_rank_worker(rank: int, port: int, out_dir: str) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         store = CorrectionStore(num_classes=6, rank=rank, world=2)
         # Step 1: each rank finds one correction for a sample the other rank owns (owner = id % 2) and one for
@@ -240,6 +243,7 @@ def _two_rank_worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.flaky(reruns=2, reason="gloo's loopback connect occasionally stalls in this sandbox; the retry starts fresh processes")
 def test_correction_store_reaches_every_rank_and_checkpoint_keeps_all(tmp_path) -> None:
     mp.spawn(_two_rank_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)

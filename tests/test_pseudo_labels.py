@@ -2,6 +2,8 @@
 checkpoint round trips, and one short training run per scheme."""
 from __future__ import annotations
 
+import datetime
+
 import json
 import math
 import os
@@ -289,7 +291,8 @@ def role_case(rank: int) -> list[tuple]:
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     os.environ["OMP_NUM_THREADS"] = "1"
     torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))
     try:
         scores, observed, shares = apl_case()
         mine = shares[rank]
@@ -307,6 +310,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
+@pytest.mark.flaky(reruns=2, reason="gloo's loopback connect occasionally stalls in this sandbox; the retry starts fresh processes")
 @pytest.mark.timeout(120)
 def test_two_gloo_ranks_agree_with_one_process(tmp_path):
     mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
