@@ -12,27 +12,10 @@
 #include <vector>
 
 #include "boostlu_common.h"
+#include "boostlu_layout.h"
 
 namespace bgtrain {
 namespace {
-
-bool layout_channels_last(const at::Tensor& t) {
-  return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-// Output of an elementwise op in the layout of its input, with exactly the strides the fake (meta) kernel in
-// library.py promises (empty_like would copy arbitrary strides of size-1 dims).
-at::Tensor empty_in_layout(const at::Tensor& t) {
-  return at::empty(t.sizes(), t.options().memory_format(layout_channels_last(t) ? at::MemoryFormat::ChannelsLast
-                                                                                : at::MemoryFormat::Contiguous));
-}
-
-// grad and x have the same element order in memory (what the flat elementwise kernels need).
-void check_same_layout(const at::Tensor& grad, const at::Tensor& x) {
-  TORCH_CHECK(grad.sizes() == x.sizes() && grad.dtype() == x.dtype() &&
-                  (layout_channels_last(x) ? grad.is_contiguous(at::MemoryFormat::ChannelsLast) : grad.is_contiguous()),
-              "boostlu backward: grad must have the shape, dtype and memory layout of x");
-}
 
 void check_dense(const at::Tensor& t, const char* what) {
   TORCH_CHECK(t.device().is_cpu(), "bgtrain boostlu CPU op: ", what, " must be a CPU tensor");

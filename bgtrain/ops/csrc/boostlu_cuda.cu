@@ -19,6 +19,7 @@
 #include <tuple>
 
 #include "boostlu_common.h"
+#include "boostlu_layout.h"
 
 namespace bgtrain {
 namespace {
@@ -161,24 +162,6 @@ __global__ void boostlu_bwd_kernel(const scalar_t* __restrict__ g, const scalar_
   for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n; i += stride) {
     gx[i] = static_cast<acc_t>(x[i]) > acc_t(0) ? static_cast<scalar_t>(static_cast<acc_t>(g[i]) * alpha) : g[i];
   }
-}
-
-bool layout_channels_last(const at::Tensor& t) {
-  return !t.is_contiguous() && t.is_contiguous(at::MemoryFormat::ChannelsLast);
-}
-
-// Output of an elementwise op in the layout of its input, with exactly the strides the fake (meta) kernel in
-// library.py promises (empty_like would copy arbitrary strides of size-1 dims).
-at::Tensor empty_in_layout(const at::Tensor& t) {
-  return at::empty(t.sizes(), t.options().memory_format(layout_channels_last(t) ? at::MemoryFormat::ChannelsLast
-                                                                                : at::MemoryFormat::Contiguous));
-}
-
-// grad and x have the same element order in memory (what the flat elementwise kernels need).
-void check_same_layout(const at::Tensor& grad, const at::Tensor& x) {
-  TORCH_CHECK(grad.sizes() == x.sizes() && grad.dtype() == x.dtype() &&
-                  (layout_channels_last(x) ? grad.is_contiguous(at::MemoryFormat::ChannelsLast) : grad.is_contiguous()),
-              "boostlu backward: grad must have the shape, dtype and memory layout of x");
 }
 
 void check_dense(const at::Tensor& t, const char* what) {
