@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import random
 import signal
 import sys
 import time
@@ -64,18 +65,25 @@ class MetricsLog:
 def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed)  # same on all ranks: identical initial weights even before DDP's broadcast
     np.random.seed(seed + rank)
-    import random
     random.seed(seed + rank)
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def evaluate_map(engine, cfg: TrainConfig, split: str, world: WorldInfo, device: torch.device) -> tuple[float, dict]:
-    """mAP (%) of the current model on a split, with the evaluation alpha; all ranks take part."""
+def score_split(engine, cfg: TrainConfig, split: str, world: WorldInfo, device: torch.device,
+                label_set: str | None = None):
+    """(scores, labels, sample ids) of this rank's share of a split, in eval mode (the evaluation alpha)."""
     loader = build_loader(cfg.data, split, world, device, train=False, seed=cfg.seed,
-                          channels_last=cfg.model.channels_last)
+                          channels_last=cfg.model.channels_last, label_set=label_set)
     engine.train(False)
-    scores, labels = predict(engine.eval_logits, loader)
-    engine.train(True)
+    try:
+        return predict(engine.eval_logits, loader, with_ids=True)
+    finally:
+        engine.train(True)
+
+
+def evaluate_map(engine, cfg: TrainConfig, split: str, world: WorldInfo, device: torch.device) -> tuple[float, dict]:
+    """mAP (%) of the current model on a split (full labels); all ranks take part."""
+    scores, labels, _ = score_split(engine, cfg, split, world, device)
     result = sharded_ap_with_counts(scores, labels)
     value, info = mean_ap(result.ap, cfg.eval.no_positive, result.n_pos)
     if cfg.eval.groups:
@@ -83,16 +91,6 @@ def evaluate_map(engine, cfg: TrainConfig, split: str, world: WorldInfo, device:
                         result.n_pos)["groups"]
         info["groups"] = groups
     return value, info
-
-
-def score_train_split(engine, cfg: TrainConfig, world: WorldInfo, device: torch.device):
-    """(scores, observed labels, sample ids) of this rank's share of the training split, in eval mode."""
-    loader = build_loader(cfg.data, "train", world, device, train=False, seed=cfg.seed,
-                          channels_last=cfg.model.channels_last, label_set=cfg.data.labels)
-    engine.train(False)
-    scores, labels, ids = predict(engine.eval_logits, loader, with_ids=True)
-    engine.train(True)
-    return scores, labels, ids
 
 
 def run(cfg: TrainConfig) -> dict:
@@ -179,7 +177,7 @@ def run(cfg: TrainConfig) -> dict:
             tick = time.perf_counter()
         progress.finish(task)
         if hasattr(criterion, "end_epoch"):
-            criterion.end_epoch(epoch, lambda: score_train_split(engine, cfg, world, device))
+            criterion.end_epoch(epoch, lambda: score_split(engine, cfg, "train", world, device, cfg.data.labels))
         val_map, info = evaluate_map(engine, cfg, "val", world, device) if cfg.eval.select_on == "val" else (0.0, {})
         is_best = cfg.eval.select_on == "none" or val_map > best["val_map"]
         if is_best:
