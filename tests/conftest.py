@@ -24,3 +24,15 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def join_gloo_group(rank: int, world: int, port: int) -> None:
+    """In a spawned test process: one thread, and a gloo group on localhost that fails within 60 s, not hangs."""
+    import datetime
+
+    import torch
+    import torch.distributed as dist
+    os.environ["OMP_NUM_THREADS"] = "1"
+    torch.set_num_threads(1)
+    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
+                            timeout=datetime.timedelta(seconds=60))

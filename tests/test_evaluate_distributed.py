@@ -1,7 +1,6 @@
 """Class-sharded AP over 1, 2 and 3 gloo ranks is bit-identical to the single-process result."""
 from __future__ import annotations
 
-import datetime
 
 import os
 import socket
@@ -13,6 +12,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bgtrain.evaluate import average_precision, class_blocks, sharded_ap_with_counts
+from tests.conftest import join_gloo_group
 
 
 def make_case(n: int, c: int, seed: int, dtype=np.float32):
@@ -41,10 +41,7 @@ def row_split(n: int, world: int) -> list[int]:
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    join_gloo_group(rank, world, port)
     try:
         results = []
         for n, c, seed, dtype in CASES:

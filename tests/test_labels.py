@@ -5,7 +5,6 @@ Every reference here is written out from the published procedure, not taken from
 """
 from __future__ import annotations
 
-import datetime
 
 import os
 import socket
@@ -17,6 +16,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bgtrain.labels import CorrectionStore, dense_rows, keep_fraction, single_positive, split_train_val
+from tests.conftest import join_gloo_group
 
 
 # --- COLE's procedure, written out (elijahcole/single-positive-multi-label, preproc/generate_observed_labels.py) ---
@@ -213,9 +213,7 @@ def _free_port() -> int:
 
 
 def _two_rank_worker(rank: int, port: int, out_dir: str) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=2,
-                            timeout=datetime.timedelta(seconds=60))
+    join_gloo_group(rank, 2, port)
     try:
         store = CorrectionStore(num_classes=6, rank=rank, world=2)
         # Step 1: each rank finds one correction for a sample the other rank owns (owner = id % 2) and one for

@@ -2,7 +2,6 @@
 checkpoint round trips, and one short training run per scheme."""
 from __future__ import annotations
 
-import datetime
 
 import json
 import math
@@ -22,6 +21,7 @@ from bgtrain.config import LossConfig, load_config
 from bgtrain.losses import build_criterion, entropy_maximisation
 from bgtrain.pseudo_labels import (NO_TARGET, EmAplCriterion, RoleCriterion, SoftNegativeStore, em_apl_loss,
                                    em_apl_params, role_loss)
+from tests.conftest import join_gloo_group
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -289,10 +289,7 @@ def role_case(rank: int) -> list[tuple]:
 
 
 def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
-    os.environ["OMP_NUM_THREADS"] = "1"
-    torch.set_num_threads(1)
-    dist.init_process_group("gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank, world_size=world,
-                            timeout=datetime.timedelta(seconds=60))
+    join_gloo_group(rank, world, port)
     try:
         scores, observed, shares = apl_case()
         mine = shares[rank]
