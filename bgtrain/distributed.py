@@ -6,6 +6,8 @@ import os
 import re
 import socket
 import subprocess
+import sys
+import threading
 from dataclasses import dataclass
 from typing import Mapping
 
@@ -85,16 +87,29 @@ def init_distributed(timeout_s: int = 300) -> tuple[WorldInfo, torch.device]:
         device = torch.device("cpu")
     if info.world_size > 1 and not dist.is_initialized():
         backend = "nccl" if device.type == "cuda" else "gloo"
+        where = f"{info.master_addr}:{info.master_port}"
+        message = (f"rank {info.rank}/{info.world_size}: process group at {where} did not form within "
+                   f"{timeout_s}s (engine.timeout_s); are all ranks started?")
+        # gloo's full-mesh connect does not always honour its timeout (seen after a peer was SIGKILLed and
+        # torchrun restarted the group), so a watchdog ends a stuck start; torchrun --max-restarts retries.
+        watchdog = threading.Timer(timeout_s + 5, _give_up, args=(message,))
+        watchdog.daemon = True
+        watchdog.start()
         try:
             # Under torchrun env:// reuses the agent's store (elastic restarts); a bare srun step has none.
             init = "env://" if info.launcher in ("torchrun", "env") else f"tcp://{info.master_addr}:{info.master_port}"
             dist.init_process_group(backend, init_method=init, rank=info.rank, world_size=info.world_size,
                                     timeout=datetime.timedelta(seconds=timeout_s))
         except Exception as e:  # a rank that never arrives surfaces here as a timeout
-            where = f"{info.master_addr}:{info.master_port}"
-            raise RuntimeError(f"rank {info.rank}/{info.world_size}: process group at {where} did not form "
-                               f"within {timeout_s}s (engine.timeout_s); are all ranks started? ({e})") from e
+            raise RuntimeError(f"{message} ({e})") from e
+        finally:
+            watchdog.cancel()
     return info, device
+
+
+def _give_up(message: str) -> None:
+    print(f"bgtrain: {message} (watchdog: exiting)", file=sys.stderr, flush=True)
+    os._exit(3)
 
 
 def shutdown() -> None:

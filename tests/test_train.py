@@ -18,7 +18,7 @@ from tests.conftest import REPO, free_port
 STEPS_PER_EPOCH = 8  # 200 samples in shards of 60/60/60/20, 2 ranks x 2 workers, batch 16
 
 
-def torchrun_cmd(out: Path, shards: Path, extra: list[str] = (), max_restarts: int = 2) -> list[str]:
+def torchrun_cmd(out: Path, shards: Path, extra: list[str] = (), max_restarts: int = 3) -> list[str]:
     return [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
             f"--max-restarts={max_restarts}", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
             "-m", "bgtrain.train", "--config", str(REPO / "configs/smoke.yaml"),
@@ -126,3 +126,13 @@ def test_evaluate_cli_on_two_ranks_reproduces_the_trainings_test_map(smoke_shard
     trained = json.loads((uninterrupted / "results.json").read_text())
     assert report["all"]["map"] == pytest.approx(trained["test_map"], abs=1e-9)
     assert [g["n_classes"] for g in report["groups"]] == [5, 5]
+
+
+def test_rank_that_never_arrives_gets_a_clear_timeout(tmp_path):
+    port = free_port()
+    proc = run([sys.executable, "-m", "bgtrain.train", "--config", str(REPO / "configs/smoke.yaml"),
+                "engine.timeout_s=5", f"out_dir={tmp_path}"],
+               env={**os.environ, "RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0", "MASTER_ADDR": "127.0.0.1",
+                    "MASTER_PORT": str(port)})
+    assert proc.returncode != 0
+    assert f"rank 0/2: process group at 127.0.0.1:{port} did not form within 5s" in proc.stderr
