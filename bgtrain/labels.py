@@ -60,25 +60,30 @@ def keep_fraction(full: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return observed
 
 
+def pad_id_lists(lists: list[list[int]]) -> torch.Tensor:
+    """Variable-length class-id lists as one (B, L) int32 tensor padded with -1."""
+    width = max((len(x) for x in lists), default=0)
+    out = torch.full((len(lists), max(width, 1)), -1, dtype=torch.int32)
+    for i, ids in enumerate(lists):
+        out[i, : len(ids)] = torch.as_tensor(ids, dtype=torch.int32)
+    return out
+
+
+def rows_from_padded(pos: torch.Tensor, neg: torch.Tensor, num_classes: int, rest: int,
+                     device: torch.device) -> torch.Tensor:
+    """Dense signed int8 rows (B, C) from -1-padded id tensors, built on ``device``."""
+    pos, neg = pos.to(device, non_blocking=True).long(), neg.to(device, non_blocking=True).long()
+    rows = torch.full((pos.shape[0], num_classes + 1), rest, dtype=torch.int8, device=device)
+    # Padding (-1) is sent to a scratch column C that is cut off afterwards: no masking needed.
+    rows.scatter_(1, torch.where(neg < 0, num_classes, neg), NEGATIVE)
+    rows.scatter_(1, torch.where(pos < 0, num_classes, pos), POSITIVE)
+    return rows[:, :num_classes]
+
+
 def dense_rows(pos: Sequence[Sequence[int]], neg: Sequence[Sequence[int]], num_classes: int,
                rest: int, device: torch.device | str = "cpu") -> torch.Tensor:
     """Signed int8 rows (B, C) from per-sample positive and negative id lists."""
-    rows = torch.full((len(pos), num_classes), rest, dtype=torch.int8, device=device)
-    for ids, value in ((neg, NEGATIVE), (pos, POSITIVE)):
-        lengths = torch.tensor([len(x) for x in ids], dtype=torch.long)
-        if int(lengths.sum()) == 0:
-            continue
-        r = torch.repeat_interleave(torch.arange(len(ids)), lengths).to(device)
-        c = torch.tensor([c for x in ids for c in x], dtype=torch.long, device=device)
-        rows[r, c] = value
-    return rows
-
-
-def to_dense(label_lists: Sequence[tuple[Sequence[int], Sequence[int]]], num_classes: int, rest: int) -> np.ndarray:
-    """Dense signed matrix (N, C) from (pos, neg) id lists; for small data and tests."""
-    pos = [p for p, _ in label_lists]
-    neg = [n for _, n in label_lists]
-    return dense_rows(pos, neg, num_classes, rest).numpy()
+    return rows_from_padded(pad_id_lists(pos), pad_id_lists(neg), num_classes, rest, torch.device(device))
 
 
 class CorrectionStore:

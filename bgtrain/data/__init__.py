@@ -11,9 +11,9 @@ from typing import Iterator
 import torch
 
 from bgtrain.config import DataConfig
-from bgtrain.data.common import (EpochPlan, StreamPlan, normalise, plan_epoch, plan_stream,
-                                 rows_from_padded, split_info)
+from bgtrain.data.common import EpochPlan, StreamPlan, normalise, plan_epoch, plan_stream, split_info
 from bgtrain.distributed import WorldInfo
+from bgtrain.labels import rows_from_padded
 
 
 @dataclass

@@ -20,7 +20,6 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from bgtrain.labels import NEGATIVE, POSITIVE
 from shards.format import HEADER, read_manifest
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -218,26 +217,6 @@ def _gather_ids(lbl: np.ndarray, start: np.ndarray, count: np.ndarray) -> np.nda
     col = np.arange(width)
     idx = np.minimum(start[:, None] + col, lbl.shape[1] - 1)
     return np.where(col < count[:, None], np.take_along_axis(lbl, idx, 1), -1).astype(np.int32)
-
-
-def pad_id_lists(lists: list[list[int]]) -> torch.Tensor:
-    """Variable-length class-id lists as one (B, L) int32 tensor padded with -1."""
-    width = max((len(x) for x in lists), default=0)
-    out = torch.full((len(lists), max(width, 1)), -1, dtype=torch.int32)
-    for i, ids in enumerate(lists):
-        out[i, : len(ids)] = torch.as_tensor(ids, dtype=torch.int32)
-    return out
-
-
-def rows_from_padded(pos: torch.Tensor, neg: torch.Tensor, num_classes: int, rest: int,
-                     device: torch.device) -> torch.Tensor:
-    """Dense signed int8 rows (B, C) from -1-padded id tensors, built on ``device``."""
-    pos, neg = pos.to(device, non_blocking=True).long(), neg.to(device, non_blocking=True).long()
-    rows = torch.full((pos.shape[0], num_classes + 1), rest, dtype=torch.int8, device=device)
-    # Padding (-1) is sent to a scratch column C that is cut off afterwards: no masking needed.
-    rows.scatter_(1, torch.where(neg < 0, num_classes, neg), NEGATIVE)
-    rows.scatter_(1, torch.where(pos < 0, num_classes, pos), POSITIVE)
-    return rows[:, :num_classes]
 
 
 def normalise(images: torch.Tensor, device: torch.device, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:

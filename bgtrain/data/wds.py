@@ -16,7 +16,8 @@ import torch
 from PIL import Image
 from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from bgtrain.data.common import EpochPlan, SplitInfo, Unit, flip_decision, pad_id_lists, skipped_batches
+from bgtrain.data.common import EpochPlan, SplitInfo, Unit, flip_decision, skipped_batches
+from bgtrain.labels import pad_id_lists
 from shards.format import decode_labels
 
 log = logging.getLogger("bgtrain.data")
