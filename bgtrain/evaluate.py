@@ -22,8 +22,8 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from bgtrain.metrics import (NO_POSITIVE_RULES, APResult, NoPositiveRule, ap_with_counts, average_precision,
-                             class_groups, group_map, mean_ap)
+from bgtrain.metrics import (NO_POSITIVE_RULES, APResult, NoPositiveRule, ap_with_counts, as_matrix,
+                             average_precision, class_groups, group_map, mean_ap)
 
 __all__ = ["average_precision", "ap_with_counts", "mean_ap", "class_groups", "group_map", "class_blocks",
            "sharded_average_precision", "sharded_ap_with_counts", "report", "print_report", "write_report"]
@@ -36,10 +36,6 @@ def class_blocks(num_classes: int, world: int) -> list[tuple[int, int]]:
     sizes = [num_classes // world + (r < num_classes % world) for r in range(world)]
     starts = np.concatenate([[0], np.cumsum(sizes)]).tolist()
     return [(int(starts[r]), int(starts[r + 1])) for r in range(world)]
-
-
-def _as_tensor(x) -> torch.Tensor:
-    return x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
 
 
 def _exchange(send: list[torch.Tensor], recv_shapes: list[tuple[int, int]], group) -> torch.Tensor:
@@ -58,7 +54,7 @@ def _exchange(send: list[torch.Tensor], recv_shapes: list[tuple[int, int]], grou
 
 def sharded_ap_with_counts(scores_local, labels_local, group=None) -> APResult:
     """Per-class AP and counts from rows spread over ranks; every rank gets the full (C,) result."""
-    scores, labels = _as_tensor(scores_local), _as_tensor(labels_local)
+    scores, labels = as_matrix(scores_local, "scores"), as_matrix(labels_local, "labels")
     if not dist.is_available() or not dist.is_initialized() or dist.get_world_size(group) == 1:
         return ap_with_counts(scores, labels)
     if scores.dim() != 2 or scores.shape != labels.shape:

@@ -34,7 +34,8 @@ class APResult:
     n_known: torch.Tensor
 
 
-def _as_tensor(x, name: str) -> torch.Tensor:
+def as_matrix(x, name: str) -> torch.Tensor:
+    """A torch view of an (N, C) tensor or array, with a clear error for any other shape."""
     t = x if isinstance(x, torch.Tensor) else torch.from_numpy(np.ascontiguousarray(x))
     if t.dim() != 2:
         raise ValueError(f"{name} must be (N, C), got shape {tuple(t.shape)}")
@@ -42,7 +43,7 @@ def _as_tensor(x, name: str) -> torch.Tensor:
 
 
 def _check_inputs(scores, labels) -> tuple[torch.Tensor, torch.Tensor]:
-    scores, labels = _as_tensor(scores, "scores"), _as_tensor(labels, "labels")
+    scores, labels = as_matrix(scores, "scores"), as_matrix(labels, "labels")
     if scores.shape != labels.shape:
         raise ValueError(f"scores {tuple(scores.shape)} and labels {tuple(labels.shape)} differ in shape")
     if not scores.is_floating_point():
