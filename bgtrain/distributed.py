@@ -96,15 +96,27 @@ def init_distributed(timeout_s: int = 300) -> tuple[WorldInfo, torch.device]:
         watchdog.daemon = True
         watchdog.start()
         try:
-            # Under torchrun env:// reuses the agent's store (elastic restarts); a bare srun step has none.
-            init = "env://" if info.launcher in ("torchrun", "env") else f"tcp://{info.master_addr}:{info.master_port}"
-            dist.init_process_group(backend, init_method=init, rank=info.rank, world_size=info.world_size,
-                                    timeout=datetime.timedelta(seconds=timeout_s))
+            dist.init_process_group(backend, store=_store(info, timeout_s), rank=info.rank,
+                                    world_size=info.world_size, timeout=datetime.timedelta(seconds=timeout_s))
         except Exception as e:  # a rank that never arrives surfaces here as a timeout
             raise RuntimeError(f"{message} ({e})") from e
         finally:
             watchdog.cancel()
     return info, device
+
+
+def _store(info: WorldInfo, timeout_s: int) -> dist.Store:
+    """The rendezvous store, with keys private to this restart of the group.
+
+    Under torchrun the agent hosts the store and keeps it across restarts; without a per-restart prefix a
+    restarted rank can read the address its killed predecessor published and gloo then connects to a dead
+    port. Elsewhere rank 0 hosts it.
+    """
+    agent = os.environ.get("TORCHELASTIC_USE_AGENT_STORE") == "True"
+    store = dist.TCPStore(info.master_addr, info.master_port, info.world_size,
+                          is_master=info.rank == 0 and not agent,
+                          timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
+    return dist.PrefixStore(f"bgtrain/restart-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
 
 
 def _give_up(message: str) -> None:
