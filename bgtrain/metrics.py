@@ -1,15 +1,26 @@
 """Per-class average precision, mAP rules and Durand's group-wise mAP: the pure math, no I/O.
 
-AP is scikit-learn's ``average_precision_score`` (non-interpolated, ties grouped), computed for all
-classes at once by one sort per class block:
+AP is scikit-learn's ``average_precision_score`` (non-interpolated, ties grouped):
 
     AP = (1/P) * sum over distinct score thresholds t (descending) of dTP(t) * TP(>=t) / Known(>=t)
 
 where dTP(t) is the number of positives scoring exactly t. Only known entries (0/1) count; unknown
-(-1) entries carry no weight, so they can stay in the sorted rows without changing any sum.
+(-1) entries carry no weight.
+
+Two implementations compute the same sum in the same order, so they give bit-identical AP and the
+choice between them never changes a result:
+
+* torch (any device; the GPU path): one batched sort per class block, binary searches for the counts;
+* the C++ CPU kernel (``bgtrain/ops/csrc/ap_cpu.cpp``): a radix sort per class, ~10x faster per core.
+
+``BGTRAIN_AP`` picks: ``torch``, ``cpp`` (build the kernel if needed; a failed build is an error) or
+``auto`` (default): the kernel when it is already built, or when the matrix is large enough
+(``BUILD_KERNEL_ABOVE`` entries) that building it once (~30 s) pays off; otherwise torch.
 """
 from __future__ import annotations
 
+import os
+import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from typing import Literal
@@ -23,6 +34,13 @@ NO_POSITIVE_RULES = ("zero", "skip")
 # Elements per class block: bounds the temporaries (~10 bytes/element) independently of N and C.
 CPU_BLOCK_ELEMENTS = 1 << 24
 CUDA_BLOCK_ELEMENTS = 1 << 28
+
+AP_KERNEL_ENV = "BGTRAIN_AP"
+AP_KERNEL_CHOICES = ("auto", "cpp", "torch")
+# Entries (N*C) above which `auto` builds the C++ kernel: the torch path needs ~1 s per 2**24 on one core.
+BUILD_KERNEL_ABOVE = 1 << 24
+NAN_MESSAGE = "scores contain NaN; AP is undefined for them (check the model output)"
+_kernel_failed: list[str] = []
 
 
 @dataclass
@@ -43,6 +61,7 @@ def as_matrix(x, name: str) -> torch.Tensor:
 
 
 def _check_inputs(scores, labels) -> tuple[torch.Tensor, torch.Tensor]:
+    """Shapes and dtypes; NaN is checked by each implementation (the kernel does it in its one pass)."""
     scores, labels = as_matrix(scores, "scores"), as_matrix(labels, "labels")
     if scores.shape != labels.shape:
         raise ValueError(f"scores {tuple(scores.shape)} and labels {tuple(labels.shape)} differ in shape")
@@ -50,8 +69,6 @@ def _check_inputs(scores, labels) -> tuple[torch.Tensor, torch.Tensor]:
         raise ValueError(f"scores must be floating point, got {scores.dtype}")
     if labels.dtype != torch.int8:
         raise ValueError(f"labels must be signed int8 (1 pos, 0 neg, -1 unknown), got {labels.dtype}")
-    if torch.isnan(scores).any():
-        raise ValueError("scores contain NaN; AP is undefined for them (check the model output)")
     return scores, labels.to(scores.device)
 
 
@@ -103,10 +120,63 @@ def _block_ap_sums(scores_cn: torch.Tensor, labels_cn: torch.Tensor, n_pos: torc
     return precision.cumsum(1)[:, -1]
 
 
+def ap_kernel_choice() -> str:
+    """The implementation setting from $BGTRAIN_AP: 'auto' (default), 'cpp' or 'torch'."""
+    value = os.environ.get(AP_KERNEL_ENV, "").strip().lower() or "auto"
+    if value not in AP_KERNEL_CHOICES:
+        raise ValueError(f"{AP_KERNEL_ENV}={value!r} is not one of {', '.join(AP_KERNEL_CHOICES)}")
+    return value
+
+
+def _cpu_kernel(entries: int):
+    """The C++ AP kernel module for a CPU matrix of `entries` scores, or None for the torch path."""
+    choice = ap_kernel_choice()
+    if choice == "torch":
+        return None
+    from bgtrain.ops import extension
+
+    if choice == "cpp":
+        return extension.load_ap_cpu()
+    if _kernel_failed or (entries < BUILD_KERNEL_ABOVE and not extension.ap_cpu_is_built()):
+        return None
+    try:
+        return extension.load_ap_cpu()
+    except Exception as err:  # noqa: BLE001 - no compiler etc.: the torch path gives the same numbers
+        _kernel_failed.append(str(err))
+        warnings.warn(f"bgtrain AP kernel unavailable, using the torch path (same results, slower; set "
+                      f"{AP_KERNEL_ENV}=cpp to make this an error): {type(err).__name__}: {err}",
+                      RuntimeWarning, stacklevel=3)
+        return None
+
+
+def ap_implementation(device: torch.device | str, entries: int) -> str:
+    """'cpp' or 'torch': what :func:`ap_with_counts` uses for a float32 matrix of `entries` scores on `device`
+    (building the kernel first when the setting asks for it)."""
+    if torch.device(device).type != "cpu":
+        return "torch"
+    return "torch" if _cpu_kernel(entries) is None else "cpp"
+
+
+def _finish(sums: torch.Tensor, n_pos: torch.Tensor, n_known: torch.Tensor) -> APResult:
+    ap = torch.where(n_pos > 0, sums / n_pos.clamp_min(1).double(), torch.zeros_like(sums))
+    ap = torch.where(n_known > 0, ap, torch.full_like(ap, float("nan")))
+    return APResult(ap=ap, n_pos=n_pos, n_known=n_known)
+
+
 def ap_with_counts(scores, labels, block_elements: int | None = None) -> APResult:
     """Per-class AP with positive/known counts; see :func:`average_precision`."""
     scores, labels = _check_inputs(scores, labels)
     n, c = scores.shape
+    if not scores.is_cuda and scores.dtype != torch.float64:
+        kernel = _cpu_kernel(n * c)
+        if kernel is not None:
+            # Half/bfloat16 -> float32 is exact and keeps every tie.
+            sums, n_pos, n_known, has_nan = kernel.ap_sums(scores.float(), labels)
+            if has_nan:
+                raise ValueError(NAN_MESSAGE)
+            return _finish(sums, n_pos, n_known)
+    if torch.isnan(scores).any():
+        raise ValueError(NAN_MESSAGE)
     if block_elements is None:
         block_elements = CUDA_BLOCK_ELEMENTS if scores.is_cuda else CPU_BLOCK_ELEMENTS
     n_pos = (labels == 1).sum(0, dtype=torch.int64)
@@ -121,9 +191,7 @@ def ap_with_counts(scores, labels, block_elements: int | None = None) -> APResul
         block = block.float() if block.dtype in (torch.float16, torch.bfloat16) else block
         sums[c0:c1] = _block_ap_sums(block, labels[:, c0:c1].t().contiguous(),
                                      n_pos[c0:c1], n_known[c0:c1])
-    ap = torch.where(n_pos > 0, sums / n_pos.clamp_min(1).double(), torch.zeros_like(sums))
-    ap = torch.where(n_known > 0, ap, torch.full_like(ap, float("nan")))
-    return APResult(ap=ap, n_pos=n_pos, n_known=n_known)
+    return _finish(sums, n_pos, n_known)
 
 
 def average_precision(scores, labels, block_elements: int | None = None) -> torch.Tensor:

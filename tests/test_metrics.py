@@ -12,7 +12,14 @@ from sklearn.metrics import average_precision_score
 
 from bgtrain.evaluate import (average_precision, class_groups, group_map, mean_ap, print_report, report,
                               write_report)
-from bgtrain.metrics import ap_with_counts
+from bgtrain.metrics import AP_KERNEL_ENV, ap_with_counts
+
+
+@pytest.fixture(params=["torch", "cpp"])
+def ap_impl(request, monkeypatch):
+    """Run an AP test on both implementations: the torch path and the C++ radix-sort kernel."""
+    monkeypatch.setenv(AP_KERNEL_ENV, request.param)
+    return request.param
 
 
 def sklearn_per_class(scores: np.ndarray, labels: np.ndarray) -> np.ndarray:
@@ -38,6 +45,7 @@ def random_case(n: int, c: int, levels: int, seed: int, dtype=np.float32):
     return scores, labels
 
 
+@pytest.mark.usefixtures("ap_impl")
 @pytest.mark.parametrize("levels", [3, 20, 1000])
 @pytest.mark.parametrize("dtype", [np.float32, np.float64])
 def test_ap_equals_sklearn_with_ties_and_unknowns(levels, dtype):
@@ -47,6 +55,7 @@ def test_ap_equals_sklearn_with_ties_and_unknowns(levels, dtype):
     np.testing.assert_allclose(ours.numpy(), sklearn_per_class(scores, labels), rtol=0, atol=1e-12)
 
 
+@pytest.mark.usefixtures("ap_impl")
 def test_ties_are_grouped_like_sklearn():
     # Three entries tie at 0.5 (two positives): precision is taken only after the whole tie, 2/3.
     scores = np.array([[0.5], [0.5], [0.5], [0.1]], np.float32)
@@ -54,11 +63,13 @@ def test_ties_are_grouped_like_sklearn():
     assert average_precision(scores, labels).item() == pytest.approx(2 / 3, abs=1e-15)
 
 
+@pytest.mark.usefixtures("ap_impl")
 def test_class_without_known_entries_is_nan():
     scores, labels = random_case(50, 4, 10, seed=1)
     assert math.isnan(average_precision(scores, labels)[0].item())
 
 
+@pytest.mark.usefixtures("ap_impl")
 def test_class_without_positive_is_zero_with_counts():
     scores, labels = random_case(50, 4, 10, seed=2)
     res = ap_with_counts(scores, labels)
@@ -68,6 +79,7 @@ def test_class_without_positive_is_zero_with_counts():
     np.testing.assert_array_equal(res.n_known.numpy(), (labels >= 0).sum(0))
 
 
+@pytest.mark.usefixtures("ap_impl")
 def test_class_blocks_do_not_change_a_single_bit():
     scores, labels = random_case(400, 11, 7, seed=3)
     whole = average_precision(scores, labels)
@@ -77,6 +89,7 @@ def test_class_blocks_do_not_change_a_single_bit():
                                rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.usefixtures("ap_impl")
 def test_row_order_does_not_change_a_single_bit():
     scores, labels = random_case(300, 9, 5, seed=4)
     perm = np.random.default_rng(0).permutation(300)
@@ -84,6 +97,7 @@ def test_row_order_does_not_change_a_single_bit():
                                rtol=0, atol=0, equal_nan=True)
 
 
+@pytest.mark.usefixtures("ap_impl")
 def test_infinite_scores_rank_like_extreme_finite_ones():
     # sklearn refuses infinities; AP depends only on the order, so compare with finite stand-ins.
     scores, labels = random_case(200, 5, 10, seed=5)
@@ -93,6 +107,7 @@ def test_infinite_scores_rank_like_extreme_finite_ones():
                                rtol=0, atol=1e-12)
 
 
+@pytest.mark.usefixtures("ap_impl")
 def test_half_precision_and_torch_inputs():
     scores, labels = random_case(300, 6, 30, seed=6)
     ref = sklearn_per_class(scores, labels)
@@ -104,11 +119,13 @@ def test_half_precision_and_torch_inputs():
                                rtol=0, atol=1e-12)
 
 
+@pytest.mark.usefixtures("ap_impl")
 def test_zero_rows_gives_nan_everywhere():
     ap = average_precision(np.zeros((0, 3), np.float32), np.zeros((0, 3), np.int8))
     assert ap.shape == (3,) and torch.isnan(ap).all()
 
 
+@pytest.mark.usefixtures("ap_impl")
 @pytest.mark.parametrize("scores,labels,match", [
     (np.zeros((3, 2), np.float32), np.zeros((3, 3), np.int8), "differ in shape"),
     (np.zeros((3, 2), np.float32), np.zeros((3, 2), np.int64), "signed int8"),
@@ -118,6 +135,48 @@ def test_zero_rows_gives_nan_everywhere():
 def test_bad_inputs_are_named(scores, labels, match):
     with pytest.raises(ValueError, match=match):
         average_precision(scores, labels)
+
+
+def test_kernel_and_torch_paths_are_bit_identical(monkeypatch):
+    """The two implementations sum the same terms in the same order, so `auto` may pick either."""
+    rng = np.random.default_rng(11)
+    big = rng.integers(0, 40, (900, 37)).astype(np.float32) / 40
+    big[rng.random(big.shape) < 0.05] = -0.0  # -0.0 ties with +0.0
+    big[:, 5] = np.inf
+    big[::7, 6] = -np.inf
+    labels = rng.choice(np.array([-1, 0, 1], np.int8), size=big.shape, p=[0.3, 0.6, 0.1])
+    labels[:, 7] = -1
+    labels[:, 8] = np.where(labels[:, 8] == 1, 0, labels[:, 8])
+    s, y = torch.from_numpy(big), torch.from_numpy(labels)
+    cases = {
+        "row-major": (s, y),
+        "column slice (strided rows)": (s[:, 3:29], y[:, 3:29]),
+        "class-major view": (s.t().contiguous().t(), y.t().contiguous().t()),
+        "every other row": (s[::2], y[::2]),
+        "float16": (s.half(), y),
+        "no rows": (s[:0], y[:0]),
+        "no classes": (s[:, :0], y[:, :0]),
+        "continuous scores": (torch.from_numpy(rng.random((500, 19), dtype=np.float32)), y[:500, :19]),
+    }
+    for name, (scores, lab) in cases.items():
+        results = {}
+        for impl in ("torch", "cpp"):
+            monkeypatch.setenv(AP_KERNEL_ENV, impl)
+            results[impl] = ap_with_counts(scores, lab)
+        for field in ("ap", "n_pos", "n_known"):
+            torch.testing.assert_close(getattr(results["cpp"], field), getattr(results["torch"], field),
+                                       rtol=0, atol=0, equal_nan=True, msg=f"{name}: {field} differs")
+    ref = sklearn_per_class(np.where(np.isinf(big), np.sign(big) * 2, big).astype(np.float32), labels)
+    np.testing.assert_allclose(results["cpp"].ap.numpy(), sklearn_per_class(
+        cases["continuous scores"][0].numpy(), labels[:500, :19]), rtol=0, atol=1e-12)
+    monkeypatch.setenv(AP_KERNEL_ENV, "cpp")
+    np.testing.assert_allclose(average_precision(s, y).numpy(), ref, rtol=0, atol=1e-12)
+
+
+def test_unknown_implementation_setting_is_named(monkeypatch):
+    monkeypatch.setenv(AP_KERNEL_ENV, "fast")
+    with pytest.raises(ValueError, match=f"{AP_KERNEL_ENV}='fast'"):
+        average_precision(np.zeros((2, 2), np.float32), np.zeros((2, 2), np.int8))
 
 
 def test_mean_ap_no_positive_rules():

@@ -21,7 +21,7 @@ from typing import Sequence
 import numpy as np
 import torch
 
-from bgtrain.metrics import average_precision
+from bgtrain.metrics import ap_implementation, average_precision
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -111,6 +111,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     scores_np, labels_np = make_data(args.n, args.classes, args.pos, args.known, args.levels, args.seed)
     _emit({"bench": "evaluate", "n": args.n, "classes": args.classes, "pos": args.pos, "known": args.known,
            "levels": args.levels, "device": args.device, "torch_threads": torch.get_num_threads(),
+           "implementation": ap_implementation(args.device, args.n * args.classes),
            "cpus": os.cpu_count(), "machine": platform.machine(),
            "gpu": torch.cuda.get_device_name() if args.device == "cuda" else None})
     scores = torch.from_numpy(scores_np).to(args.device)

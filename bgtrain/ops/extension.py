@@ -1,7 +1,8 @@
-"""Build and load the BoostLU C++/CUDA extensions with torch.utils.cpp_extension (JIT, cached on disk).
+"""Build and load bgtrain's C++/CUDA extensions with torch.utils.cpp_extension (JIT, cached on disk).
 
-Two separate extensions keep nvcc off the CPU path: ``bgtrain_boostlu_cpu`` (one C++ file, ~30 s to build once) and
-``bgtrain_boostlu_cuda`` (a .cu file plus its bindings, a few minutes on 2 cores for two archs).
+Separate extensions keep nvcc off the CPU path and the evaluator off BoostLU's: ``bgtrain_boostlu_cpu`` (one C++
+file, ~30 s to build once), ``bgtrain_boostlu_cuda`` (a .cu file plus its bindings, a few minutes on 2 cores for two
+archs) and ``bgtrain_ap_cpu`` (the evaluator's radix-sort AP kernel, ~30 s once).
 
 The cache folder is ``$BGTRAIN_OPS_CACHE`` or ``~/.cache/bgtrain/ops``; each build goes to a sub-folder named after
 the torch version and, for CUDA, the arch list, so builds for different GPUs or torch versions never overwrite each
@@ -20,6 +21,8 @@ import torch
 
 CSRC = Path(__file__).resolve().parent / "csrc"
 CPU_SOURCES = ("boostlu_cpu.cpp",)
+AP_CPU_SOURCES = ("ap_cpu.cpp",)
+AP_CPU_NAME = "bgtrain_ap_cpu"
 CUDA_SOURCES = ("boostlu_cuda_bind.cpp", "boostlu_cuda.cu")
 DEFAULT_ARCHS = "8.0;9.0"  # A100 and H100/H200, used when no GPU is visible to pick the arch from
 
@@ -124,6 +127,21 @@ def _load_cpu_cached(verbose: bool) -> ModuleType:
     return _CPU_MODULE[0]
 
 
+def load_ap_cpu(verbose: bool = False) -> ModuleType:
+    """Build (first time) and import the evaluator's CPU AP kernel (bgtrain/ops/csrc/ap_cpu.cpp)."""
+    if not _AP_MODULE:
+        _AP_MODULE.append(_load(AP_CPU_NAME, AP_CPU_SOURCES, ap_cpu_build_dir(), None, verbose))
+    return _AP_MODULE[0]
+
+
+_AP_MODULE: list[ModuleType] = []
+
+
+def ap_cpu_is_built() -> bool:
+    """Whether the AP kernel is loaded or a build of it sits in the cache (loading it then needs no compiler)."""
+    return bool(_AP_MODULE) or any(ap_cpu_build_dir().glob(f"{AP_CPU_NAME}*.so"))
+
+
 def load_cuda(archs: str | None = None, verbose: bool = False) -> ModuleType:
     """Build (first time) and import the CUDA extension for the given arch list (see resolve_archs)."""
     resolved = resolve_archs(archs)
@@ -150,14 +168,20 @@ def cpu_build_dir(root: Path | None = None) -> Path:
     return (root or cache_root()) / f"cpu-{_torch_tag()}"
 
 
+def ap_cpu_build_dir(root: Path | None = None) -> Path:
+    """Build folder of the evaluator's CPU AP kernel."""
+    return (root or cache_root()) / f"ap-cpu-{_torch_tag()}"
+
+
 def cuda_build_dir(archs: str, root: Path | None = None) -> Path:
     """Build folder of the CUDA extension for an arch list."""
     return (root or cache_root()) / f"cuda-sm{_arch_tag(archs)}-{_torch_tag()}-cu{torch.version.cuda}"
 
 
 def build(archs: str | None = None, cpu_only: bool = False, verbose: bool = False) -> list[BuildInfo]:
-    """Build the CPU extension and, unless cpu_only, the CUDA one now; return where they went."""
-    infos = [BuildInfo("bgtrain_boostlu_cpu", Path(load_cpu(verbose).__file__), "cpu")]
+    """Build the CPU extensions and, unless cpu_only, the CUDA one now; return where they went."""
+    infos = [BuildInfo("bgtrain_boostlu_cpu", Path(load_cpu(verbose).__file__), "cpu"),
+             BuildInfo(AP_CPU_NAME, Path(load_ap_cpu(verbose).__file__), "cpu")]
     if not cpu_only:
         resolved = resolve_archs(archs)
         module = load_cuda(resolved, verbose)
