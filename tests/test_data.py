@@ -114,6 +114,24 @@ def test_images_are_normalised_channels_last(smoke_shards):
     assert -2.2 < batch.image.min() < 0 < batch.image.max() < 2.7
 
 
+@pytest.mark.parametrize("dtype,channels_last", [(torch.float32, True), (torch.bfloat16, False)])
+def test_normalise_matches_the_plain_formula_and_mirrors_only_picked_rows(dtype, channels_last):
+    from bgtrain.data.common import IMAGENET_MEAN, IMAGENET_STD, normalise
+    images = torch.randint(0, 256, (5, 7, 9, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(0))
+    before = images.clone()
+    flip = torch.tensor([True, False, False, True, False])
+    out = normalise(images, CPU, dtype, channels_last, flip)
+    mirrored = torch.stack([im.flip(1) if f else im for im, f in zip(images, flip)])
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    ref = (mirrored.permute(0, 3, 1, 2).double() / 255 - mean.double()) / std.double()
+    assert out.shape == (5, 3, 7, 9) and out.dtype == dtype
+    assert out.is_contiguous(memory_format=torch.channels_last if channels_last else torch.contiguous_format)
+    torch.testing.assert_close(out.double(), ref, rtol=0, atol=1e-5 if dtype == torch.float32 else 2e-2)
+    assert torch.equal(images, before), "normalise must never write its input (it may be DALI's buffer)"
+    torch.testing.assert_close(normalise(images, CPU, dtype, channels_last), normalise(
+        images, CPU, dtype, channels_last, torch.zeros(5, dtype=torch.bool)), rtol=0, atol=0)
+
+
 def test_corrupt_sample_is_skipped_and_counted(tmp_path, smoke_shards):
     import json
     manifest = json.loads((smoke_shards / "manifest.json").read_text())
@@ -165,3 +183,15 @@ def test_resampled_needs_epoch_samples(smoke_shards):
     loader = build_loader(data_cfg(smoke_shards, resampled=True), "train", WorldInfo(), CPU, train=True, seed=0)
     with pytest.raises(ValueError, match="data.epoch_samples"):
         len(loader)
+
+
+def test_entry_points_put_large_cpu_tensors_on_huge_pages_unless_told_otherwise():
+    import os
+    import subprocess
+    import sys
+    code = "import bgtrain, os; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
+    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "1"
+    assert subprocess.run([sys.executable, "-c", code], env={**env, "THP_MEM_ALLOC_ENABLE": "0"},
+                          capture_output=True, text=True, check=True).stdout.strip() == "0"

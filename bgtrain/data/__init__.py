@@ -11,7 +11,7 @@ from typing import Iterator
 import torch
 
 from bgtrain.config import DataConfig
-from bgtrain.data.common import EpochPlan, StreamPlan, normalise, plan_epoch, plan_stream, split_info
+from bgtrain.data.common import EpochPlan, StreamPlan, flip_mask, normalise, plan_epoch, plan_stream, split_info
 from bgtrain.distributed import WorldInfo
 from bgtrain.labels import rows_from_padded
 
@@ -89,12 +89,17 @@ class Loader:
         images, valid, corrupt = raw["image"], raw["valid"], int(raw["corrupt"])
         if self.cfg.decode == "gpu" and self.cfg.backend == "webdataset":
             from bgtrain.data.gpu_decode import decode_resize
-            images, decoded = decode_resize(images, raw["sample_id"], self)
+            images, decoded = decode_resize(images, self)
             # A JPEG that nvJPEG rejects is a corrupt sample like one PIL rejects: invalid and counted.
             failed = ~decoded & (raw["sample_id"] >= 0)
             valid, corrupt = valid & decoded, corrupt + int(failed.sum())
+        # WebDataset workers mirror while decoding with PIL; the other paths mirror here, in the one
+        # pass that converts the batch to float, with the same (seed, epoch, sample) rule.
+        flip = None
+        if self.cfg.flip and self.train and (self.cfg.backend == "dali" or self.cfg.decode == "gpu"):
+            flip = flip_mask(raw["sample_id"], self.seed, self.epoch)
         return Batch(
-            image=normalise(images, self.device, self.dtype, self.channels_last),
+            image=normalise(images, self.device, self.dtype, self.channels_last, flip),
             labels=rows_from_padded(raw["pos"], raw["neg"], self.info.num_classes, self.info.rest, self.device),
             sample_id=raw["sample_id"].to(self.device),
             valid=valid.to(self.device),

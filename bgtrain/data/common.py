@@ -183,13 +183,10 @@ def flip_decision(seed: int, epoch: int, sample_id: int) -> bool:
     return bool(digest[0] & 1)
 
 
-def flip_rows(images: torch.Tensor, sample_ids: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
-    """A uint8 (B, H, W, 3) batch with the rows :func:`flip_decision` picks mirrored; never writes ``images``."""
-    picks = [sid >= 0 and flip_decision(seed, epoch, sid) for sid in sample_ids.tolist()]
-    if not any(picks):
-        return images
-    mask = torch.tensor(picks, device=images.device).view(-1, 1, 1, 1)
-    return torch.where(mask, images.flip(2), images)
+def flip_mask(sample_ids: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
+    """bool (B,) CPU: the rows :func:`flip_decision` mirrors; placeholders (id < 0) never flip."""
+    return torch.tensor([sid >= 0 and flip_decision(seed, epoch, sid) for sid in sample_ids.tolist()],
+                        dtype=torch.bool)
 
 
 def id_lists_from_lbl(lbl: np.ndarray, label_set: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
@@ -219,13 +216,27 @@ def _gather_ids(lbl: np.ndarray, start: np.ndarray, count: np.ndarray) -> np.nda
     return np.where(col < count[:, None], np.take_along_axis(lbl, idx, 1), -1).astype(np.int32)
 
 
-def normalise(images: torch.Tensor, device: torch.device, dtype: torch.dtype, channels_last: bool) -> torch.Tensor:
-    """uint8 (B, H, W, 3) -> normalised float (B, 3, H, W) on the device, optionally channels-last."""
-    # (x / 255 - mean) / std as one multiply-add; the NHWC source permuted is already channels-last
-    # in memory, so the float copy keeps that layout and no extra reordering pass is needed.
-    x = images.to(device, non_blocking=True).permute(0, 3, 1, 2).float()
-    std = torch.tensor(IMAGENET_STD, device=device).view(1, 3, 1, 1)
-    scale = 1.0 / (255.0 * std)
-    shift = torch.tensor(IMAGENET_MEAN, device=device).view(1, 3, 1, 1) / std
-    x = x.mul_(scale).sub_(shift).to(dtype)
+def normalise(images: torch.Tensor, device: torch.device, dtype: torch.dtype, channels_last: bool,
+              flip: torch.Tensor | None = None) -> torch.Tensor:
+    """uint8 (B, H, W, 3) -> normalised float (B, 3, H, W) on the device, optionally channels-last.
+
+    Rows where ``flip`` (bool (B,)) is true are mirrored on the way; ``images`` is never written, so
+    it may be a pipeline's own buffer.
+    """
+    src = images.to(device, non_blocking=True)
+    b, h, w, c = src.shape
+    # The NHWC float written here, permuted, is already channels-last in memory: no reordering pass.
+    x = torch.empty((b, h, w, c), dtype=torch.float32, device=device)
+    if flip is None or not bool(flip.any()):
+        x.copy_(src)
+    else:  # mirroring while converting costs no extra pass over the float batch
+        for i, mirrored in enumerate(flip.tolist()):
+            x[i].copy_(src[i].flip(1) if mirrored else src[i])
+    # (x / 255 - mean) / std as a multiply and a subtract with the per-channel constants tiled along a
+    # row: a long contiguous inner dimension vectorises, an inner dimension of 3 does not (4x slower).
+    std = torch.tensor(IMAGENET_STD, device=device)
+    scale = (1.0 / (255.0 * std)).repeat(w)
+    shift = (torch.tensor(IMAGENET_MEAN, device=device) / std).repeat(w)
+    x.view(b, h, w * c).mul_(scale).sub_(shift)
+    x = x.permute(0, 3, 1, 2).to(dtype)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()

@@ -14,8 +14,8 @@ corrections downstream are shared. What DALI's epochs guarantee, and how this mo
 * **Order.** A pipeline is built per epoch, seeded by (seed, epoch, rank). ``random_shuffle`` mixes
   samples inside a buffer of ``data.shuffle_buffer`` only, so shards must be written pre-shuffled
   (the shard builder does). Same seed, same order.
-* **Flip.** Applied after the pipeline by :func:`~bgtrain.data.common.flip_rows`, with the same
-  (seed, epoch, sample) rule as the WebDataset backend.
+* **Flip.** Applied after the pipeline, while :func:`~bgtrain.data.common.normalise` converts the
+  batch to float, with the same (seed, epoch, sample) rule as the WebDataset backend.
 * **Resume.** The position is (epoch, batches_done). A resumed epoch rebuilds the same seeded pipeline
   and runs through the consumed batches without yielding them, so the rest of the epoch is exactly the
   uninterrupted one; the price is decoding those batches again (a few seconds per 10^4 images on a GPU).
@@ -31,7 +31,7 @@ from typing import TYPE_CHECKING, Iterator
 import numpy as np
 import torch
 
-from bgtrain.data.common import StreamPlan, flip_rows, id_lists_from_lbl
+from bgtrain.data.common import StreamPlan, id_lists_from_lbl
 
 if TYPE_CHECKING:
     from bgtrain.data import Loader
@@ -95,7 +95,6 @@ def dali_raw_batches(loader: "Loader", plan: StreamPlan) -> Iterator[dict]:
     iterator = DALIGenericIterator([pipe], ["image", "lbl"], reader_name=READER, auto_reset=False,
                                    last_batch_policy=LastBatchPolicy.FILL)
     seen = np.zeros(info.num_samples, bool)
-    flip = loader.cfg.flip and loader.train
     try:
         for step, outputs in enumerate(iterator):
             if step >= plan.batches_per_rank:
@@ -105,12 +104,9 @@ def dali_raw_batches(loader: "Loader", plan: StreamPlan) -> Iterator[dict]:
             valid = np.ones(len(sample_id), bool) if plan.resampled else _first_sightings(sample_id, seen)
             if step < loader.batches_done:  # resume: consumed already, but the seen-set must still learn it
                 continue
-            ids = torch.from_numpy(sample_id)
-            # DALI's dynamic executor hands out reference-counted buffers (the iterator itself does not
-            # copy them), and flip_rows writes a new tensor, so nothing here touches DALI's memory.
-            image = flip_rows(out["image"], ids, loader.seed, loader.epoch) if flip else out["image"]
-            yield {"image": image, "pos": torch.from_numpy(pos), "neg": torch.from_numpy(neg),
-                   "sample_id": ids, "valid": torch.from_numpy(valid), "corrupt": torch.tensor(0)}
+            # The image may be DALI's own reference-counted buffer: nothing downstream writes it.
+            yield {"image": out["image"], "pos": torch.from_numpy(pos), "neg": torch.from_numpy(neg),
+                   "sample_id": torch.from_numpy(sample_id), "valid": torch.from_numpy(valid), "corrupt": torch.tensor(0)}
     finally:
         del iterator, pipe
 

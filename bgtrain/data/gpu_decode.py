@@ -2,8 +2,8 @@
 
 The loader workers then only read tars and labels; the JPEG bytes travel to the training process,
 which decodes a whole batch with ``torchvision.io.decode_jpeg(device="cuda")``. Images of one size
-are resized together (bilinear with antialiasing, as PIL's BILINEAR does when shrinking), and flips
-follow the same (seed, epoch, sample) rule as every other path.
+are resized together (bilinear with antialiasing, as PIL's BILINEAR does when shrinking); the Loader
+mirrors rows while normalising, with the same (seed, epoch, sample) rule as every other path.
 
 torchvision 0.29 marks its image decoders deprecated in favour of TorchCodec (a DeprecationWarning);
 they are still the pinned version's nvJPEG entry point, and this module is the one place to change.
@@ -16,26 +16,22 @@ import torch
 import torch.nn.functional as F
 from torchvision.io import ImageReadMode, decode_jpeg
 
-from bgtrain.data.common import flip_rows
-
 if TYPE_CHECKING:
     from bgtrain.data import Loader
 
 
-def decode_resize(jpegs: list[bytes], sample_ids: torch.Tensor, loader: "Loader") -> tuple[torch.Tensor, torch.Tensor]:
+def decode_resize(jpegs: list[bytes], loader: "Loader") -> tuple[torch.Tensor, torch.Tensor]:
     """JPEG bytes -> (uint8 (B, S, S, 3) CUDA images, bool (B,) CPU "decoded" mask) for ``loader``'s epoch.
 
     A sample nvJPEG cannot decode (or an empty placeholder) gives a black image and ``False``, so the
     caller can count it as corrupt instead of crashing the run.
     """
     device = loader.device if loader.device.type == "cuda" else torch.device("cuda")
-    flip = (loader.seed, loader.epoch) if loader.cfg.flip and loader.train else None
-    return decode_batch(jpegs, sample_ids, loader.cfg.image_size, device, flip)
+    return decode_batch(jpegs, loader.cfg.image_size, device)
 
 
-def decode_batch(jpegs: list[bytes], sample_ids: torch.Tensor, size: int, device: torch.device,
-                 flip: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
-    """:func:`decode_resize` on any device (the CPU too, for tests); ``flip`` is (seed, epoch) or None."""
+def decode_batch(jpegs: list[bytes], size: int, device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
+    """:func:`decode_resize` on any device (the CPU too, for tests)."""
     decoded = torch.zeros(len(jpegs), dtype=torch.bool)
     out = torch.zeros((len(jpegs), 3, size, size), dtype=torch.uint8, device=device)
     todo = [i for i, b in enumerate(jpegs) if len(b) > 0]
@@ -47,10 +43,7 @@ def decode_batch(jpegs: list[bytes], sample_ids: torch.Tensor, size: int, device
     for rows in by_shape.values():  # one resize call per source size
         out[rows] = resize_uint8(torch.stack([lookup[i] for i in rows]), size)
         decoded[rows] = True
-    out = out.permute(0, 2, 3, 1)  # the raw batch layout (B, H, W, 3); Loader._finish normalises
-    if flip is not None:
-        out = flip_rows(out, sample_ids, *flip)
-    return out, decoded
+    return out.permute(0, 2, 3, 1), decoded  # the raw batch layout (B, H, W, 3); Loader._finish normalises
 
 
 def _decode(jpegs: list[bytes], todo: list[int], device: torch.device) -> list[torch.Tensor | None]:
