@@ -103,7 +103,10 @@ def _load(name: str, sources: tuple[str, ...], build_dir: Path, cuda_flags: list
     return cpp_extension.load(
         name=name,
         sources=[str(CSRC / s) for s in sources],
-        extra_cflags=["-O3"],
+        # at::parallel_for is inlined from ATen's headers and runs serially unless the extension itself is built
+        # with OpenMP; the libgomp it links is the one torch has already loaded (same soname), not a second runtime.
+        extra_cflags=["-O3", "-fopenmp"],
+        extra_ldflags=["-fopenmp"],
         extra_include_paths=[str(CSRC)],
         build_directory=str(build_dir),
         with_cuda=cuda_flags is not None,

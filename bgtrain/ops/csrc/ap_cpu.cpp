@@ -16,7 +16,6 @@
 #include <cmath>
 #include <cstdint>
 #include <cstring>
-#include <thread>
 #include <tuple>
 #include <vector>
 
@@ -134,15 +133,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> ap_sums_cpu(const at::Tenso
   const int64_t tiles = (C + tile - 1) / tile;
   std::atomic<bool> saw_nan{false};
 
-  // Plain threads pulling tiles from a counter: at::parallel_for would run serially here, since extensions are not
-  // built with OpenMP, and tiles cost the same, so a shared counter balances them without a scheduler.
-  std::atomic<int64_t> next_tile{0};
-  auto worker = [&]() {
+  // Tiles cost the same, so parallel_for's equal contiguous chunks balance them.
+  at::parallel_for(0, tiles, 1, [&](int64_t begin, int64_t end) {
     std::vector<float> tile_scores(class_major ? 0 : tile * N);
     std::vector<int8_t> tile_labels(class_major ? 0 : tile * N);
     std::vector<uint32_t> known(N), known_tmp(N), pos(N), pos_tmp(N);
     Histograms known_hist, pos_hist;
-    for (int64_t t0; (t0 = next_tile++) < tiles;) {
+    for (int64_t t0 = begin; t0 < end; ++t0) {
       const int64_t c0 = t0 * tile, width = std::min(tile, C - c0);
       if (!class_major) {
         copy_tile(s + c0 * s_col, s_row, s_col, N, width, tile_scores.data());
@@ -174,12 +171,7 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, bool> ap_sums_cpu(const at::Tenso
         known_out[c0 + t] = nk;
       }
     }
-  };
-  const int64_t workers = std::clamp<int64_t>(at::get_num_threads(), 1, tiles);
-  std::vector<std::thread> pool;
-  for (int64_t w = 1; w < workers; ++w) pool.emplace_back(worker);
-  worker();
-  for (auto& thread : pool) thread.join();
+  });
   return {sums, n_pos, n_known, saw_nan.load()};
 }
 
