@@ -11,7 +11,8 @@ Two implementations compute the same sum in the same order, so they give bit-ide
 choice between them never changes a result:
 
 * torch (any device; the GPU path): one batched sort per class block, binary searches for the counts;
-* the C++ CPU kernel (``bgtrain/ops/csrc/ap_cpu.cpp``): a radix sort per class, ~10x faster per core.
+* the C++ CPU kernel (``bgtrain/ops/csrc/ap_cpu.cpp``): a radix sort per class, ~4x faster per
+  core than the torch path on the CPU.
 
 ``BGTRAIN_AP`` picks: ``torch``, ``cpp`` (build the kernel if needed; a failed build is an error) or
 ``auto`` (default): the kernel when it is already built, or when the matrix is large enough
