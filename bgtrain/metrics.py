@@ -21,6 +21,7 @@ choice between them never changes a result:
 from __future__ import annotations
 
 import os
+import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -138,8 +139,12 @@ def _cpu_kernel(entries: int):
 
     if choice == "cpp":
         return extension.load_ap_cpu()
-    if _kernel_failed or (entries < BUILD_KERNEL_ABOVE and not extension.ap_cpu_is_built()):
+    built = extension.ap_cpu_is_built()
+    if _kernel_failed or (entries < BUILD_KERNEL_ABOVE and not built):
         return None
+    if not built:
+        print(f"bgtrain: building the CPU AP kernel once (~30 s), cached in {extension.ap_cpu_build_dir()}",
+              file=sys.stderr, flush=True)
     try:
         return extension.load_ap_cpu()
     except Exception as err:  # noqa: BLE001 - no compiler etc.: the torch path gives the same numbers
