@@ -14,7 +14,6 @@ import pytest
 from cluster.local_slurm import ClusterError, ClusterSpec, SlurmUnavailable, down, is_running, slurm_env, up
 
 REPO = Path(__file__).resolve().parents[1]
-HAS_TRAINER = (REPO / "bgtrain" / "train.py").exists()
 
 
 def free_base_port(count: int) -> int:
@@ -91,7 +90,6 @@ srun python -m cluster.preflight --timeout 60 --checkpoint-dir ck --min-free-gb 
     assert "node1: ranks 0; node2: ranks 1" in flat
 
 
-@pytest.mark.skipif(not HAS_TRAINER, reason="bgtrain.train not available yet")
 def test_train_openimages_script_on_two_cpu_nodes(cluster: ClusterSpec, job_env: dict, tmp_path: Path) -> None:
     import torch
 
@@ -114,7 +112,6 @@ def test_train_openimages_script_on_two_cpu_nodes(cluster: ClusterSpec, job_env:
     assert len(state["rng"]) == 4  # one RNG state per rank: 2 nodes x 2 processes took part
 
 
-@pytest.mark.skipif(not HAS_TRAINER, reason="bgtrain.train not available yet")
 def test_usr1_before_time_limit_checkpoints_requeues_and_resumes(cluster: ClusterSpec, job_env: dict,
                                                                  tmp_path: Path) -> None:
     shards = make_shards(tmp_path, job_env)

@@ -1,0 +1,237 @@
+"""One training run, end to end: :class:`Trainer` wires config, data, model, loss, engine, checkpoints and
+evaluation together (the logic of each lives in its own module); ``bgtrain.train`` is the command line."""
+from __future__ import annotations
+
+import json
+import random
+import signal
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.distributed as dist
+
+from bgtrain import checkpoint as ckpt
+from bgtrain.config import TrainConfig, save_config, to_dict
+from bgtrain.data import build_loader
+from bgtrain.distributed import WorldInfo, broadcast_object, init_distributed
+from bgtrain.engine import DTYPES, build_engine
+from bgtrain.evaluate import report, sharded_ap_with_counts
+from bgtrain.labels import CorrectionStore
+from bgtrain.losses import build_criterion
+from bgtrain.metrics import mean_ap
+from bgtrain.model import build_model
+from bgtrain.ops import active_implementation
+from bgtrain.predict import predict
+from bgtrain.progress import RankZeroProgress
+from shards.format import read_manifest
+
+
+class StopRequested:
+    """SIGUSR1 / SIGTERM (Slurm's warning before the time limit): checkpoint at the next step, exit 0."""
+
+    def __init__(self) -> None:
+        self.flag = False
+        for sig in (signal.SIGUSR1, signal.SIGTERM):
+            signal.signal(sig, self._set)
+
+    def _set(self, *_: object) -> None:
+        self.flag = True
+
+    def agreed(self, device: torch.device) -> bool:
+        """True on every rank as soon as any rank was signalled, so that all stop at the same step."""
+        if not dist.is_initialized():
+            return self.flag
+        t = torch.tensor([float(self.flag)], device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        return bool(t.item())
+
+
+class MetricsLog:
+    """``metrics.jsonl`` on rank 0, one JSON object per line."""
+
+    def __init__(self, path: Path, enabled: bool) -> None:
+        self.path, self.enabled = path, enabled
+
+    def write(self, **record: object) -> None:
+        if self.enabled:
+            with open(self.path, "a") as f:
+                f.write(json.dumps(record) + "\n")
+
+
+def seed_everything(seed: int, rank: int) -> None:
+    torch.manual_seed(seed)  # same on all ranks: identical initial weights even before DDP's broadcast
+    np.random.seed(seed + rank)
+    random.seed(seed + rank)
+    torch.use_deterministic_algorithms(True, warn_only=True)
+
+
+def score_split(engine, cfg: TrainConfig, split: str, world: WorldInfo, device: torch.device,
+                label_set: str | None = None):
+    """(scores, labels, sample ids) of this rank's share of a split, in eval mode (the evaluation alpha)."""
+    loader = build_loader(cfg.data, split, world, device, train=False, seed=cfg.seed,
+                          channels_last=cfg.model.channels_last, label_set=label_set)
+    engine.train(False)
+    try:
+        return predict(engine.eval_logits, loader, with_ids=True)
+    finally:
+        engine.train(True)
+
+
+def evaluate_map(engine, cfg: TrainConfig, split: str, world: WorldInfo, device: torch.device) -> tuple[float, dict]:
+    """mAP (%) of the current model on a split (full labels); all ranks take part."""
+    scores, labels, _ = score_split(engine, cfg, split, world, device)
+    result = sharded_ap_with_counts(scores, labels)
+    value, info = mean_ap(result.ap, cfg.eval.no_positive, result.n_pos)
+    if cfg.eval.groups:
+        groups = report(result.ap, read_manifest(cfg.data.shards), cfg.eval.groups, cfg.eval.no_positive,
+                        result.n_pos)["groups"]
+        info["groups"] = groups
+    return value, info
+
+
+class Trainer:
+    """One training run: set-up and resume in the constructor, then :meth:`fit`.
+
+    Every rank builds the same objects; rank 0 alone writes files. The state a resume needs (weights,
+    optimizer, corrections, criterion state, every rank's RNG, the loader position, the best epoch so far)
+    is gathered by :meth:`save`, so a resumed run continues exactly where the saved one was.
+    """
+
+    def __init__(self, cfg: TrainConfig) -> None:
+        self.cfg = cfg
+        self.world, self.device = init_distributed(cfg.engine.timeout_s)
+        world, device = self.world, self.device
+        seed_everything(cfg.seed, world.rank)
+        self.out_dir = Path(cfg.out_dir)
+        if world.is_main:
+            self.out_dir.mkdir(parents=True, exist_ok=True)
+            save_config(cfg, self.out_dir / "config.yaml")
+        self.log = MetricsLog(self.out_dir / "metrics.jsonl", world.is_main)
+        dtype = DTYPES[cfg.engine.precision] if device.type == "cuda" else torch.float32
+        self.loader = build_loader(cfg.data, "train", world, device, train=True, seed=cfg.seed,
+                                   channels_last=cfg.model.channels_last, dtype=dtype)
+        self.engine = build_engine(cfg, build_model(cfg.model, self.loader.num_classes), world, device)
+        self.criterion = build_criterion(cfg.loss, self.loader.info.dataset, self.loader.info.num_samples,
+                                         self.loader.num_classes, epochs=cfg.optim.epochs,
+                                         lr=cfg.optim.lr * cfg.optim.head_lr_mult, seed=cfg.seed)
+        self.store = CorrectionStore(self.loader.num_classes, world.rank, world.world_size)
+        self.saver = ckpt.CheckpointSaver(self.out_dir / "checkpoints", cfg.checkpoint.keep_last)
+        self.progress = RankZeroProgress(world.is_main)
+        self.progress.log(f"world {world.world_size} on {device}, engine {self.engine.name}, precision "
+                          f"{cfg.engine.precision}, BoostLU op: {active_implementation(device)}, alpha train/eval "
+                          f"{cfg.model.alpha_train}/{cfg.model.alpha_eval}")
+        self.epoch, self.batches_done, self.global_step = 1, 0, 0
+        self.best = {"val_map": -1.0, "epoch": 0}
+        self._resume()
+
+    def _resume(self) -> None:
+        path = self.saver.resolve(self.cfg.checkpoint.resume) if self.world.is_main else None
+        path = broadcast_object(str(path) if path else None)
+        if not path:
+            return
+        state = ckpt.load(path)
+        self.engine.load_state_dict(state["engine"])
+        self.store.load_state_dict(state["corrections"])
+        if hasattr(self.criterion, "load_state_dict"):
+            self.criterion.load_state_dict(state["criterion"])
+        ckpt.set_rng_state(state["rng"][self.world.rank % len(state["rng"])])
+        self.epoch, self.batches_done = state["loader"]["epoch"], state["loader"]["batches_done"]
+        self.global_step, self.best = state["global_step"], state["best"]
+        self.progress.log(f"resumed from {path}: epoch {self.epoch}, batch {self.batches_done}")
+
+    def save(self, is_best: bool = False) -> None:
+        """Checkpoint now (collective: every rank must call it)."""
+        rngs = [None] * self.world.world_size
+        if dist.is_initialized():
+            dist.all_gather_object(rngs, ckpt.rng_state())
+        else:
+            rngs = [ckpt.rng_state()]
+        criterion = self.criterion
+        state = {"engine": self.engine.state_dict(), "corrections": self.store.state_dict(), "rng": rngs,
+                 "criterion": criterion.state_dict() if hasattr(criterion, "state_dict") else {},
+                 "loader": self.loader.state_dict(), "global_step": self.global_step, "best": self.best,
+                 "config": to_dict(self.cfg)}
+        if self.world.is_main:
+            self.saver.save(state, self.global_step, is_best)
+
+    def fit(self) -> dict:
+        """Train, select the best epoch on validation, evaluate it on test; returns the final results."""
+        stop = StopRequested()
+        while self.epoch <= self.cfg.optim.epochs:
+            if not self._train_epoch(stop):
+                self.progress.log(f"stop requested: checkpoint at step {self.global_step}, exiting")
+                self.progress.close()
+                return {"stopped_at_step": self.global_step}
+            self._end_epoch()
+        return self._test_best()
+
+    def _train_epoch(self, stop: StopRequested) -> bool:
+        """The rest of the current epoch; False when a stop was requested (after checkpointing)."""
+        cfg, loader, criterion, store, epoch = self.cfg, self.loader, self.criterion, self.store, self.epoch
+        loader.set_epoch(epoch, self.batches_done)
+        self.engine.train(True)
+        task = self.progress.start(f"epoch {epoch}", total=len(loader), completed=self.batches_done)
+        uses_corrections = cfg.loss.scheme == "LL-Cp"
+        tick = time.perf_counter()
+        for batch in loader:
+            data_s = time.perf_counter() - tick
+            labels = store.apply(batch.labels, batch.sample_id) if uses_corrections else batch.labels
+            out = self.engine.step(batch.image, lambda logits: criterion(logits, labels, epoch, batch.valid,
+                                                                         batch.sample_id))
+            if hasattr(criterion, "after_step"):
+                criterion.after_step()
+            if out.corrections is not None:
+                store.record(batch.sample_id, out.corrections & batch.valid[:, None])
+            self.global_step += 1
+            step_s = time.perf_counter() - tick
+            self.progress.advance(task, f"loss {out.loss.item():.4f}  data {data_s:.3f}s / step {step_s:.3f}s")
+            if self.global_step % cfg.log_every == 0:
+                self.log.write(kind="train", epoch=epoch, step=self.global_step, loss=out.loss.item(),
+                               selected=int(out.selected.sum()), corrections=len(store), data_s=round(data_s, 4),
+                               step_s=round(step_s, 4),
+                               img_s=round(batch.image.shape[0] * self.world.world_size / step_s, 1))
+            if cfg.checkpoint.every_steps and self.global_step % cfg.checkpoint.every_steps == 0:
+                self.save()
+            if stop.agreed(self.device):
+                self.save()
+                return False
+            tick = time.perf_counter()
+        self.progress.finish(task)
+        return True
+
+    def _end_epoch(self) -> None:
+        """Criterion's epoch hook, validation, best-epoch bookkeeping and the end-of-epoch checkpoint."""
+        cfg, epoch = self.cfg, self.epoch
+        if hasattr(self.criterion, "end_epoch"):
+            self.criterion.end_epoch(epoch, lambda: score_split(self.engine, cfg, "train", self.world, self.device,
+                                                                cfg.data.labels))
+        val_map, info = (evaluate_map(self.engine, cfg, "val", self.world, self.device)
+                         if cfg.eval.select_on == "val" else (0.0, {}))
+        is_best = cfg.eval.select_on == "none" or val_map > self.best["val_map"]
+        if is_best:
+            self.best = {"val_map": val_map, "epoch": epoch}
+        self.log.write(kind="val", epoch=epoch, step=self.global_step, val_map=val_map, **info)
+        self.progress.log(f"epoch {epoch}: val mAP {val_map:.2f} "
+                          f"(best {self.best['val_map']:.2f} at epoch {self.best['epoch']})")
+        self.epoch, self.batches_done = epoch + 1, 0
+        self.loader.set_epoch(self.epoch, 0)
+        self.save(is_best)
+
+    def _test_best(self) -> dict:
+        cfg, best = self.cfg, self.best
+        best_path = broadcast_object(str(self.saver.folder / "best.pt") if self.world.is_main else None)
+        if dist.is_initialized():
+            dist.barrier()
+        self.engine.load_state_dict(ckpt.load(best_path)["engine"])
+        test_map, info = evaluate_map(self.engine, cfg, "test", self.world, self.device)
+        results = {"name": cfg.name, "scheme": cfg.loss.scheme, "alpha_train": cfg.model.alpha_train,
+                   "alpha_eval": cfg.model.alpha_eval, "best_epoch": best["epoch"], "val_map": best["val_map"],
+                   "test_map": test_map, **info}
+        self.log.write(kind="test", **results)
+        if self.world.is_main:
+            (self.out_dir / "results.json").write_text(json.dumps(results, indent=1))
+        self.progress.log(f"test mAP {test_map:.2f} (epoch {best['epoch']} selected on val)")
+        self.progress.close()
+        return results
