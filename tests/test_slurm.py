@@ -11,7 +11,8 @@ from pathlib import Path
 
 import pytest
 
-from cluster.local_slurm import ClusterError, ClusterSpec, SlurmUnavailable, down, is_running, slurm_env, up
+from cluster.local_slurm import SlurmUnavailable, down, is_running, up
+from cluster.slurm_config import ClusterError, ClusterSpec, slurm_env
 
 REPO = Path(__file__).resolve().parents[1]
 
