@@ -157,6 +157,9 @@ def test_kernel_and_torch_paths_are_bit_identical(monkeypatch):
         "no rows": (s[:0], y[:0]),
         "no classes": (s[:, :0], y[:, :0]),
         "continuous scores": (torch.from_numpy(rng.random((500, 19), dtype=np.float32)), y[:500, :19]),
+        # like OpenImages' test labels
+        "mostly unknown labels": (s, torch.from_numpy(rng.choice(np.array([-1, 0, 1], np.int8), size=big.shape,
+                                                                p=[0.9, 0.08, 0.02]))),
     }
     for name, (scores, lab) in cases.items():
         results = {}
@@ -166,9 +169,11 @@ def test_kernel_and_torch_paths_are_bit_identical(monkeypatch):
         for field in ("ap", "n_pos", "n_known"):
             torch.testing.assert_close(getattr(results["cpp"], field), getattr(results["torch"], field),
                                        rtol=0, atol=0, equal_nan=True, msg=f"{name}: {field} differs")
+        if name in ("continuous scores", "mostly unknown labels"):  # and both equal sklearn
+            finite = np.where(np.isinf(scores.numpy()), np.sign(scores.numpy()) * 2, scores.numpy())
+            np.testing.assert_allclose(results["cpp"].ap.numpy(), sklearn_per_class(
+                finite.astype(np.float32), lab.numpy()), rtol=0, atol=1e-12, err_msg=name)
     ref = sklearn_per_class(np.where(np.isinf(big), np.sign(big) * 2, big).astype(np.float32), labels)
-    np.testing.assert_allclose(results["cpp"].ap.numpy(), sklearn_per_class(
-        cases["continuous scores"][0].numpy(), labels[:500, :19]), rtol=0, atol=1e-12)
     monkeypatch.setenv(AP_KERNEL_ENV, "cpp")
     np.testing.assert_allclose(average_precision(s, y).numpy(), ref, rtol=0, atol=1e-12)
 
@@ -265,3 +270,13 @@ def test_benchmark_dispatcher_names_missing_modules(monkeypatch, capsys):
     assert bench.main(["ghost"]) == 2
     err = capsys.readouterr().err
     assert "unknown benchmark 'nosuch'" in err and "bgtrain.bench.ghost_module_that_does_not_exist is missing" in err
+
+
+@pytest.mark.usefixtures("ap_impl")
+def test_nan_is_refused_even_where_the_label_is_unknown():
+    scores = np.random.default_rng(0).random((64, 20), dtype=np.float32)
+    labels = np.full((64, 20), -1, np.int8)
+    labels[::9, 3] = 1
+    scores[5, 7] = np.nan
+    with pytest.raises(ValueError, match="NaN"):
+        average_precision(scores, labels)
