@@ -106,7 +106,8 @@ def dali_raw_batches(loader: "Loader", plan: StreamPlan) -> Iterator[dict]:
                 continue
             # The image may be DALI's own reference-counted buffer: nothing downstream writes it.
             yield {"image": out["image"], "pos": torch.from_numpy(pos), "neg": torch.from_numpy(neg),
-                   "sample_id": torch.from_numpy(sample_id), "valid": torch.from_numpy(valid), "corrupt": torch.tensor(0)}
+                   "sample_id": torch.from_numpy(sample_id), "valid": torch.from_numpy(valid),
+                   "corrupt": torch.tensor(0)}
     finally:
         del iterator, pipe
 
