@@ -116,7 +116,12 @@ def _store(info: WorldInfo, timeout_s: int) -> dist.Store:
     store = dist.TCPStore(info.master_addr, info.master_port, info.world_size,
                           is_master=info.rank == 0 and not agent,
                           timeout=datetime.timedelta(seconds=timeout_s), wait_for_workers=False)
-    return dist.PrefixStore(f"bgtrain/restart-{os.environ.get('TORCHELASTIC_RESTART_COUNT', '0')}", store)
+    return dist.PrefixStore(f"bgtrain/restart-{restart_count()}", store)
+
+
+def restart_count() -> int:
+    """How many times torchrun has restarted this group (``--max-restarts``); 0 for a first attempt or no torchrun."""
+    return int(os.environ.get("TORCHELASTIC_RESTART_COUNT", "0") or 0)
 
 
 def _give_up(message: str) -> None:

@@ -15,7 +15,7 @@ import torch.distributed as dist
 from bgtrain import checkpoint as ckpt
 from bgtrain.config import TrainConfig, save_config, to_dict
 from bgtrain.data import build_loader
-from bgtrain.distributed import WorldInfo, broadcast_object, init_distributed
+from bgtrain.distributed import WorldInfo, broadcast_object, init_distributed, restart_count
 from bgtrain.engine import DTYPES, build_engine
 from bgtrain.evaluate import report, sharded_ap_with_counts
 from bgtrain.labels import CorrectionStore
@@ -127,7 +127,11 @@ class Trainer:
         self._resume()
 
     def _resume(self) -> None:
-        path = self.saver.resolve(self.cfg.checkpoint.resume) if self.world.is_main else None
+        resume = self.cfg.checkpoint.resume
+        if resume is None and restart_count() > 0:
+            # A torchrun restart is this run's next attempt: continue it, do not train (and log) it all again.
+            resume = "latest"
+        path = self.saver.resolve(resume) if self.world.is_main else None
         path = broadcast_object(str(path) if path else None)
         if not path:
             return

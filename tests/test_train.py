@@ -136,3 +136,19 @@ def test_rank_that_never_arrives_gets_a_clear_timeout(tmp_path):
                     "MASTER_PORT": str(port)})
     assert proc.returncode != 0
     assert f"rank 0/2: process group at 127.0.0.1:{port} did not form within 5s" in proc.stderr
+
+
+def test_a_torchrun_restart_continues_the_run_even_without_resume(smoke_shards, tmp_path):
+    """A restarted attempt (TORCHELASTIC_RESTART_COUNT > 0) resumes from the latest checkpoint, not from scratch."""
+    cmd = [sys.executable, "-m", "bgtrain.train", "--config", str(REPO / "configs/smoke.yaml"),
+           f"data.shards={smoke_shards}", f"out_dir={tmp_path}", "optim.epochs=1", "data.max_batches=2",
+           "log_every=1", "checkpoint.every_steps=0"]
+    env = {k: v for k, v in os.environ.items() if k != "TORCHELASTIC_RESTART_COUNT"}
+    first = run(cmd, env=env)
+    assert first.returncode == 0, first.stderr[-3000:]
+    again = run(cmd, env={**env, "TORCHELASTIC_RESTART_COUNT": "1"})
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "resumed from" in again.stderr
+    kinds = [json.loads(line)["kind"] for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    assert kinds.count("train") == 2, "the restart trained again instead of continuing"
+    assert kinds.count("test") == 2  # the finished run is evaluated again: nothing is lost, nothing retrained
