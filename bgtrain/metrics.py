@@ -130,8 +130,10 @@ def ap_kernel_choice() -> str:
     return value
 
 
-def _cpu_kernel(entries: int):
-    """The C++ AP kernel module for a CPU matrix of `entries` scores, or None for the torch path."""
+def _cpu_kernel(device: torch.device, dtype: torch.dtype, entries: int):
+    """The C++ AP kernel module for a matrix of `entries` scores, or None for the torch path."""
+    if device.type != "cpu" or dtype == torch.float64:
+        return None
     choice = ap_kernel_choice()
     if choice == "torch":
         return None
@@ -158,9 +160,7 @@ def _cpu_kernel(entries: int):
 def ap_implementation(device: torch.device | str, entries: int) -> str:
     """'cpp' or 'torch': what :func:`ap_with_counts` uses for a float32 matrix of `entries` scores on `device`
     (building the kernel first when the setting asks for it)."""
-    if torch.device(device).type != "cpu":
-        return "torch"
-    return "torch" if _cpu_kernel(entries) is None else "cpp"
+    return "torch" if _cpu_kernel(torch.device(device), torch.float32, entries) is None else "cpp"
 
 
 def _finish(sums: torch.Tensor, n_pos: torch.Tensor, n_known: torch.Tensor) -> APResult:
@@ -173,14 +173,13 @@ def ap_with_counts(scores, labels, block_elements: int | None = None) -> APResul
     """Per-class AP with positive/known counts; see :func:`average_precision`."""
     scores, labels = _check_inputs(scores, labels)
     n, c = scores.shape
-    if not scores.is_cuda and scores.dtype != torch.float64:
-        kernel = _cpu_kernel(n * c)
-        if kernel is not None:
-            # Half/bfloat16 -> float32 is exact and keeps every tie.
-            sums, n_pos, n_known, has_nan = kernel.ap_sums(scores.float(), labels)
-            if has_nan:
-                raise ValueError(NAN_MESSAGE)
-            return _finish(sums, n_pos, n_known)
+    kernel = _cpu_kernel(scores.device, scores.dtype, n * c)
+    if kernel is not None:
+        # Half/bfloat16 -> float32 is exact and keeps every tie.
+        sums, n_pos, n_known, has_nan = kernel.ap_sums(scores.float(), labels)
+        if has_nan:
+            raise ValueError(NAN_MESSAGE)
+        return _finish(sums, n_pos, n_known)
     if torch.isnan(scores).any():
         raise ValueError(NAN_MESSAGE)
     if block_elements is None:

@@ -116,50 +116,44 @@ def _load(name: str, sources: tuple[str, ...], build_dir: Path, cuda_flags: list
     )
 
 
+_LOADED: dict[str, ModuleType] = {}  # by module name: each extension is built and imported once per process
+
+
+def _load_once(name: str, sources: tuple[str, ...], build_dir: Path, cuda_flags: list[str] | None,
+               verbose: bool) -> ModuleType:
+    if name not in _LOADED:
+        _LOADED[name] = _load(name, sources, build_dir, cuda_flags, verbose)
+    return _LOADED[name]
+
+
 def load_cpu(verbose: bool = False) -> ModuleType:
     """Build (first time) and import the CPU extension."""
-    return _load_cpu_cached(verbose)
-
-
-_CPU_MODULE: list[ModuleType] = []
-
-
-def _load_cpu_cached(verbose: bool) -> ModuleType:
-    if not _CPU_MODULE:
-        _CPU_MODULE.append(_load("bgtrain_boostlu_cpu", CPU_SOURCES, cpu_build_dir(), None, verbose))
-    return _CPU_MODULE[0]
+    return _load_once("bgtrain_boostlu_cpu", CPU_SOURCES, cpu_build_dir(), None, verbose)
 
 
 def load_ap_cpu(verbose: bool = False) -> ModuleType:
     """Build (first time) and import the evaluator's CPU AP kernel (bgtrain/ops/csrc/ap_cpu.cpp)."""
-    if not _AP_MODULE:
-        _AP_MODULE.append(_load(AP_CPU_NAME, AP_CPU_SOURCES, ap_cpu_build_dir(), None, verbose))
-    return _AP_MODULE[0]
-
-
-_AP_MODULE: list[ModuleType] = []
+    return _load_once(AP_CPU_NAME, AP_CPU_SOURCES, ap_cpu_build_dir(), None, verbose)
 
 
 def ap_cpu_is_built() -> bool:
     """Whether the AP kernel is loaded or a build of it sits in the cache (loading it then needs no compiler)."""
-    return bool(_AP_MODULE) or any(ap_cpu_build_dir().glob(f"{AP_CPU_NAME}*.so"))
+    return AP_CPU_NAME in _LOADED or any(ap_cpu_build_dir().glob(f"{AP_CPU_NAME}*.so"))
 
 
 def load_cuda(archs: str | None = None, verbose: bool = False) -> ModuleType:
     """Build (first time) and import the CUDA extension for the given arch list (see resolve_archs)."""
     resolved = resolve_archs(archs)
-    if resolved not in _CUDA_MODULES:
-        _CUDA_MODULES[resolved] = build_cuda(resolved, cuda_build_dir(resolved), verbose)
-    return _CUDA_MODULES[resolved]
-
-
-_CUDA_MODULES: dict[str, ModuleType] = {}
+    return _load_once(_cuda_name(resolved), CUDA_SOURCES, cuda_build_dir(resolved), gencode_flags(resolved), verbose)
 
 
 def build_cuda(archs: str, build_dir: Path, verbose: bool = False) -> ModuleType:
     """Compile and link the CUDA extension for `archs` into `build_dir` and import it (no GPU needed to build)."""
-    name = "bgtrain_boostlu_cuda_sm" + _arch_tag(archs)  # one module name per arch set: both can live in a process
-    return _load(name, CUDA_SOURCES, build_dir, gencode_flags(archs), verbose)
+    return _load(_cuda_name(archs), CUDA_SOURCES, build_dir, gencode_flags(archs), verbose)
+
+
+def _cuda_name(archs: str) -> str:
+    return "bgtrain_boostlu_cuda_sm" + _arch_tag(archs)  # one module name per arch set: both can live in a process
 
 
 def _arch_tag(archs: str) -> str:
@@ -183,8 +177,7 @@ def cuda_build_dir(archs: str, root: Path | None = None) -> Path:
 
 def build(archs: str | None = None, cpu_only: bool = False, verbose: bool = False) -> list[BuildInfo]:
     """Build the CPU extensions and, unless cpu_only, the CUDA one now; return where they went."""
-    infos = [BuildInfo("bgtrain_boostlu_cpu", Path(load_cpu(verbose).__file__), "cpu"),
-             BuildInfo(AP_CPU_NAME, Path(load_ap_cpu(verbose).__file__), "cpu")]
+    infos = [BuildInfo(m.__name__, Path(m.__file__), "cpu") for m in (load_cpu(verbose), load_ap_cpu(verbose))]
     if not cpu_only:
         resolved = resolve_archs(archs)
         module = load_cuda(resolved, verbose)
