@@ -179,6 +179,10 @@ def _validate(cfg: TrainConfig) -> None:
         (cfg.eval.groups >= 0, "eval.groups", "must be >= 0"),
         (cfg.engine.engine == "deepspeed" or cfg.engine.zero_stage == 0, "engine.zero_stage",
          "needs engine.engine=deepspeed"),
+        (cfg.engine.engine != "deepspeed" or not cfg.engine.compile, "engine.compile",
+         "is not supported with engine.engine=deepspeed; set engine.compile=false or use engine.engine=ddp"),
+        (cfg.engine.engine != "deepspeed" or not cfg.engine.sync_bn, "engine.sync_bn",
+         "is not supported with engine.engine=deepspeed; set engine.sync_bn=false or use engine.engine=ddp"),
     ]
     for ok, key, why in checks:
         if not ok:

@@ -16,9 +16,8 @@ from bgtrain import checkpoint as ckpt
 from bgtrain.config import TrainConfig, save_config, to_dict
 from bgtrain.data import build_loader
 from bgtrain.distributed import WorldInfo, broadcast_object, init_distributed, restart_count
-from bgtrain.engine import DTYPES, build_engine
+from bgtrain.engines import DTYPES, build_engine
 from bgtrain.evaluate import report, sharded_ap_with_counts
-from bgtrain.labels import CorrectionStore
 from bgtrain.losses import build_criterion
 from bgtrain.metrics import mean_ap
 from bgtrain.model import build_model
@@ -91,6 +90,14 @@ def evaluate_map(engine, cfg: TrainConfig, split: str, world: WorldInfo, device:
     return value, info
 
 
+def criterion_state(state: dict) -> dict:
+    """The criterion's part of a checkpoint; checkpoints written before LL-Cp's corrections moved into its
+    criterion keep them under a top-level "corrections" key."""
+    if "corrections" in state:
+        return {"corrections": state["corrections"], **state["criterion"]}
+    return state["criterion"]
+
+
 class Trainer:
     """One training run: set-up and resume in the constructor, then :meth:`fit`.
 
@@ -116,7 +123,6 @@ class Trainer:
         self.criterion = build_criterion(cfg.loss, self.loader.info.dataset, self.loader.info.num_samples,
                                          self.loader.num_classes, epochs=cfg.optim.epochs,
                                          lr=cfg.optim.lr * cfg.optim.head_lr_mult, seed=cfg.seed)
-        self.store = CorrectionStore(self.loader.num_classes, world.rank, world.world_size)
         self.saver = ckpt.CheckpointSaver(self.out_dir / "checkpoints", cfg.checkpoint.keep_last)
         self.progress = RankZeroProgress(world.is_main)
         self.progress.log(f"world {world.world_size} on {device}, engine {self.engine.name}, precision "
@@ -137,9 +143,7 @@ class Trainer:
             return
         state = ckpt.load(path)
         self.engine.load_state_dict(state["engine"])
-        self.store.load_state_dict(state["corrections"])
-        if hasattr(self.criterion, "load_state_dict"):
-            self.criterion.load_state_dict(state["criterion"])
+        self.criterion.load_state_dict(criterion_state(state))
         ckpt.set_rng_state(state["rng"][self.world.rank % len(state["rng"])])
         self.epoch, self.batches_done = state["loader"]["epoch"], state["loader"]["batches_done"]
         self.global_step, self.best = state["global_step"], state["best"]
@@ -152,9 +156,7 @@ class Trainer:
             dist.all_gather_object(rngs, ckpt.rng_state())
         else:
             rngs = [ckpt.rng_state()]
-        criterion = self.criterion
-        state = {"engine": self.engine.state_dict(), "corrections": self.store.state_dict(), "rng": rngs,
-                 "criterion": criterion.state_dict() if hasattr(criterion, "state_dict") else {},
+        state = {"engine": self.engine.state_dict(), "rng": rngs, "criterion": self.criterion.state_dict(),
                  "loader": self.loader.state_dict(), "global_step": self.global_step, "best": self.best,
                  "config": to_dict(self.cfg)}
         if self.world.is_main:
@@ -173,27 +175,23 @@ class Trainer:
 
     def _train_epoch(self, stop: StopRequested) -> bool:
         """The rest of the current epoch; False when a stop was requested (after checkpointing)."""
-        cfg, loader, criterion, store, epoch = self.cfg, self.loader, self.criterion, self.store, self.epoch
+        cfg, loader, criterion, epoch = self.cfg, self.loader, self.criterion, self.epoch
         loader.set_epoch(epoch, self.batches_done)
         self.engine.train(True)
         task = self.progress.start(f"epoch {epoch}", total=len(loader), completed=self.batches_done)
-        uses_corrections = cfg.loss.scheme == "LL-Cp"
         tick = time.perf_counter()
         for batch in loader:
             data_s = time.perf_counter() - tick
-            labels = store.apply(batch.labels, batch.sample_id) if uses_corrections else batch.labels
+            labels = criterion.prepare_labels(batch.labels, batch.sample_id)
             out = self.engine.step(batch.image, lambda logits: criterion(logits, labels, epoch, batch.valid,
                                                                          batch.sample_id))
-            if hasattr(criterion, "after_step"):
-                criterion.after_step()
-            if out.corrections is not None:
-                store.record(batch.sample_id, out.corrections & batch.valid[:, None])
+            criterion.after_step(out, batch.sample_id)
             self.global_step += 1
             step_s = time.perf_counter() - tick
             self.progress.advance(task, f"loss {out.loss.item():.4f}  data {data_s:.3f}s / step {step_s:.3f}s")
             if self.global_step % cfg.log_every == 0:
                 self.log.write(kind="train", epoch=epoch, step=self.global_step, loss=out.loss.item(),
-                               selected=int(out.selected.sum()), corrections=len(store), data_s=round(data_s, 4),
+                               selected=int(out.selected.sum()), corrections=criterion.corrections_kept(), data_s=round(data_s, 4),
                                step_s=round(step_s, 4),
                                img_s=round(batch.image.shape[0] * self.world.world_size / step_s, 1))
             if cfg.checkpoint.every_steps and self.global_step % cfg.checkpoint.every_steps == 0:
@@ -208,9 +206,8 @@ class Trainer:
     def _end_epoch(self) -> None:
         """Criterion's epoch hook, validation, best-epoch bookkeeping and the end-of-epoch checkpoint."""
         cfg, epoch = self.cfg, self.epoch
-        if hasattr(self.criterion, "end_epoch"):
-            self.criterion.end_epoch(epoch, lambda: score_split(self.engine, cfg, "train", self.world, self.device,
-                                                                cfg.data.labels))
+        self.criterion.end_epoch(epoch, lambda: score_split(self.engine, cfg, "train", self.world, self.device,
+                                                            cfg.data.labels))
         val_map, info = (evaluate_map(self.engine, cfg, "val", self.world, self.device)
                          if cfg.eval.select_on == "val" else (0.0, {}))
         is_best = cfg.eval.select_on == "none" or val_map > self.best["val_map"]

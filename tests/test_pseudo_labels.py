@@ -19,8 +19,9 @@ import torch.multiprocessing as mp
 
 from bgtrain.config import LossConfig, load_config
 from bgtrain.losses import build_criterion, entropy_maximisation
-from bgtrain.pseudo_labels import (NO_TARGET, EmAplCriterion, RoleCriterion, SoftNegativeStore, em_apl_loss,
-                                   em_apl_params, role_loss)
+from bgtrain.losses.defaults import em_apl_params
+from bgtrain.losses.em_apl import NO_TARGET, EmAplCriterion, SoftNegativeStore, em_apl_loss
+from bgtrain.losses.role import RoleCriterion, role_loss
 from tests.conftest import join_gloo_group
 
 REPO = Path(__file__).resolve().parents[1]
