@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import re
 import socket
 import subprocess
-import sys
 import threading
 from dataclasses import dataclass
 from typing import Mapping
@@ -125,7 +125,7 @@ def restart_count() -> int:
 
 
 def _give_up(message: str) -> None:
-    print(f"bgtrain: {message} (watchdog: exiting)", file=sys.stderr, flush=True)
+    logging.getLogger("bgtrain.distributed").critical("%s (watchdog: exiting)", message)
     os._exit(3)
 
 

@@ -20,8 +20,8 @@ choice between them never changes a result:
 """
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -145,8 +145,8 @@ def _cpu_kernel(device: torch.device, dtype: torch.dtype, entries: int):
     if _kernel_failed or (entries < BUILD_KERNEL_ABOVE and not built):
         return None
     if not built:
-        print(f"bgtrain: building the CPU AP kernel once (~30 s), cached in {extension.ap_cpu_build_dir()}",
-              file=sys.stderr, flush=True)
+        logging.getLogger("bgtrain.metrics").warning("building the CPU AP kernel once (~30 s), cached in %s",
+                                                     extension.ap_cpu_build_dir())
     try:
         return extension.load_ap_cpu()
     except Exception as err:  # noqa: BLE001 - no compiler etc.: the torch path gives the same numbers

@@ -1,21 +1,29 @@
 """``torchrun -m bgtrain.train --config configs/X.yaml [key.sub=value ...]``: the command line around
-:class:`bgtrain.trainer.Trainer`."""
+:class:`bgtrain.trainer.Trainer`.
+
+torch is imported only inside :func:`main`, after :func:`bgtrain.process_env.prefer_huge_pages`.
+"""
 from __future__ import annotations
 
 import argparse
 import sys
+from typing import TYPE_CHECKING
 
-from bgtrain.config import ConfigError, TrainConfig, load_config
-from bgtrain.distributed import shutdown
-from bgtrain.trainer import Trainer
+from bgtrain.process_env import prefer_huge_pages
+
+if TYPE_CHECKING:
+    from bgtrain.config import TrainConfig
 
 
-def run(cfg: TrainConfig) -> dict:
+def run(cfg: "TrainConfig") -> dict:
     """Train, select the best epoch on validation, evaluate it on test; returns the final results."""
+    from bgtrain.trainer import Trainer
     return Trainer(cfg).fit()
 
 
 def main(argv: list[str] | None = None) -> int:
+    """Parse the command line, load the config, train; 2 and one line on stderr for a config error."""
+    prefer_huge_pages()
     parser = argparse.ArgumentParser(
         prog="torchrun -m bgtrain.train",
         description="Train a CAM ResNet with BoostLU / large-loss schemes on WebDataset shards.",
@@ -24,6 +32,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--config", required=True, help="YAML config (see configs/ and the README)")
     parser.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. model.alpha_eval=5")
     args = parser.parse_args(argv)
+    from bgtrain.config import ConfigError, load_config
+    from bgtrain.distributed import shutdown
     try:
         cfg = load_config(args.config, args.overrides)  # fails before any process group starts
     except (ConfigError, FileNotFoundError) as e:
@@ -31,6 +41,9 @@ def main(argv: list[str] | None = None) -> int:
         return 2
     try:
         run(cfg)
+    except ConfigError as e:  # a setting this machine cannot run (e.g. fp16 on a CPU device)
+        print(f"config error: {e}", file=sys.stderr)
+        return 2
     finally:
         shutdown()
     return 0

@@ -186,12 +186,30 @@ def test_resampled_needs_epoch_samples(smoke_shards):
 
 
 def test_entry_points_put_large_cpu_tensors_on_huge_pages_unless_told_otherwise():
+    """The CLIs set THP_MEM_ALLOC_ENABLE before torch is imported; importing bgtrain sets nothing."""
     import os
     import subprocess
     import sys
-    code = "import bgtrain, os; print(os.environ['THP_MEM_ALLOC_ENABLE'])"
+    # A meta-path finder that reports the setting at the moment torch is first imported.
+    spy = ("import os, runpy, sys\n"
+           "class Spy:\n"
+           "    def find_spec(self, name, path=None, target=None):\n"
+           "        if name == 'torch':\n"
+           "            print('at torch import:', os.environ.get('THP_MEM_ALLOC_ENABLE'), flush=True)\n"
+           "            sys.meta_path.remove(self)\n"
+           "sys.meta_path.insert(0, Spy())\n"
+           "sys.argv = [sys.argv[1]] + sys.argv[2:]\n"
+           "runpy.run_module(sys.argv[0], run_name='__main__')\n")
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
-    assert subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
-                          check=True).stdout.strip() == "1"
-    assert subprocess.run([sys.executable, "-c", code], env={**env, "THP_MEM_ALLOC_ENABLE": "0"},
-                          capture_output=True, text=True, check=True).stdout.strip() == "0"
+    cases = [("bgtrain.train", None, "1"), ("bgtrain.train", "0", "0"), ("bgtrain.explain", None, "1"),
+             ("bgtrain.bench", None, "1")]
+    args = {"bgtrain.train": ["--config", "/nonexistent.yaml"], "bgtrain.explain": ["overlay", "--help"],
+            "bgtrain.bench": ["loader", "--help"]}
+    for module, given, expected in cases:
+        run_env = env if given is None else {**env, "THP_MEM_ALLOC_ENABLE": given}
+        out = subprocess.run([sys.executable, "-c", spy, module, *args[module]], env=run_env, capture_output=True,
+                             text=True).stdout
+        assert f"at torch import: {expected}" in out, (module, given, out[-500:])
+    plain = "import bgtrain, os; print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"
+    assert subprocess.run([sys.executable, "-c", plain], env=env, capture_output=True, text=True,
+                          check=True).stdout.strip() == "None"

@@ -26,6 +26,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               "each subcommand has its own --help")
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
+    from bgtrain.process_env import prefer_huge_pages
+    prefer_huge_pages()  # before the benchmark imports torch (moved here from bgtrain/__init__.py)
     if name not in SUBCOMMANDS:
         print(f"unknown benchmark {name!r}; choose one of {sorted(SUBCOMMANDS)}", file=sys.stderr)
         return 2
