@@ -7,6 +7,7 @@ import random
 import signal
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -14,16 +15,17 @@ import torch.distributed as dist
 
 from bgtrain import checkpoint as ckpt
 from bgtrain.config import TrainConfig, save_config, to_dict
-from bgtrain.data import build_loader
+from bgtrain.data import Batch, build_loader
 from bgtrain.distributed import WorldInfo, broadcast_object, init_distributed, restart_count
 from bgtrain.engines import DTYPES, build_engine
 from bgtrain.evaluate import report, sharded_ap_with_counts
-from bgtrain.losses import build_criterion
+from bgtrain.engines.base import Engine
+from bgtrain.losses import Criterion, LossOutput, build_criterion
 from bgtrain.metrics import mean_ap
 from bgtrain.model import build_model
 from bgtrain.ops import active_implementation
 from bgtrain.predict import predict
-from bgtrain.progress import RankZeroProgress
+from bgtrain.runlog import RunLogger
 from shards.format import read_manifest
 
 
@@ -39,7 +41,9 @@ class StopRequested:
         self.flag = True
 
     def agreed(self, device: torch.device) -> bool:
-        """True on every rank as soon as any rank was signalled, so that all stop at the same step."""
+        """True on every rank as soon as any rank was signalled, so that all stop at the same step.
+
+        A collective and a host read: the trainer asks only at logging steps and at the end of an epoch."""
         if not dist.is_initialized():
             return self.flag
         t = torch.tensor([float(self.flag)], device=device)
@@ -47,16 +51,23 @@ class StopRequested:
         return bool(t.item())
 
 
-class MetricsLog:
-    """``metrics.jsonl`` on rank 0, one JSON object per line."""
+def train_step(engine: Engine, criterion: Criterion, batch: Batch, epoch: int) -> Optional[LossOutput]:
+    """One training step on this rank's valid rows; None, and nothing changes, when no rank has data.
 
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
-
-    def write(self, **record: object) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+    A step without data anywhere (``batch.step_has_data`` is False, the same on every rank) is skipped by every
+    rank alike: no forward, no optimizer, BatchNorm, criterion or scaler update, and no collective left waiting.
+    Otherwise only the first ``batch.num_valid`` rows (the valid ones) are forwarded, as views, so padding feeds
+    neither the loss nor BatchNorm; a rank with no valid row runs a 0-row step, which still joins DDP's
+    gradient all-reduce (its gradient is zero, as the padded batch's was).
+    """
+    if not batch.step_has_data:
+        return None
+    n = batch.num_valid
+    ids = batch.sample_id[:n]
+    labels = criterion.prepare_labels(batch.labels[:n], ids)
+    out = engine.step(batch.image[:n], lambda logits: criterion(logits, labels, epoch, None, ids))
+    criterion.after_step(out, ids)
+    return out
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -115,7 +126,7 @@ class Trainer:
         if world.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
-        self.log = MetricsLog(self.out_dir / "metrics.jsonl", world.is_main)
+        self.log = RunLogger(self.out_dir / "metrics.jsonl", world.is_main, world.rank).install()
         dtype = DTYPES[cfg.engine.precision] if device.type == "cuda" else torch.float32
         self.loader = build_loader(cfg.data, "train", world, device, train=True, seed=cfg.seed,
                                    channels_last=cfg.model.channels_last, dtype=dtype)
@@ -124,12 +135,12 @@ class Trainer:
                                          self.loader.num_classes, epochs=cfg.optim.epochs,
                                          lr=cfg.optim.lr * cfg.optim.head_lr_mult, seed=cfg.seed)
         self.saver = ckpt.CheckpointSaver(self.out_dir / "checkpoints", cfg.checkpoint.keep_last)
-        self.progress = RankZeroProgress(world.is_main)
-        self.progress.log(f"world {world.world_size} on {device}, engine {self.engine.name}, precision "
+        self.log.message(f"world {world.world_size} on {device}, engine {self.engine.name}, precision "
                           f"{cfg.engine.precision}, BoostLU op: {active_implementation(device)}, alpha train/eval "
                           f"{cfg.model.alpha_train}/{cfg.model.alpha_eval}")
         self.epoch, self.batches_done, self.global_step = 1, 0, 0
         self.best = {"val_map": -1.0, "epoch": 0}
+        self.last_loss: Optional[float] = None  # rank 0's loss at the last logging step, for the progress bar
         self._resume()
 
     def _resume(self) -> None:
@@ -147,7 +158,7 @@ class Trainer:
         ckpt.set_rng_state(state["rng"][self.world.rank % len(state["rng"])])
         self.epoch, self.batches_done = state["loader"]["epoch"], state["loader"]["batches_done"]
         self.global_step, self.best = state["global_step"], state["best"]
-        self.progress.log(f"resumed from {path}: epoch {self.epoch}, batch {self.batches_done}")
+        self.log.message(f"resumed from {path}: epoch {self.epoch}, batch {self.batches_done}")
 
     def save(self, is_best: bool = False) -> None:
         """Checkpoint now (collective: every rank must call it)."""
@@ -165,42 +176,51 @@ class Trainer:
     def fit(self) -> dict:
         """Train, select the best epoch on validation, evaluate it on test; returns the final results."""
         stop = StopRequested()
-        while self.epoch <= self.cfg.optim.epochs:
-            if not self._train_epoch(stop):
-                self.progress.log(f"stop requested: checkpoint at step {self.global_step}, exiting")
-                self.progress.close()
-                return {"stopped_at_step": self.global_step}
-            self._end_epoch()
-        return self._test_best()
+        try:
+            while self.epoch <= self.cfg.optim.epochs:
+                if not self._train_epoch(stop):
+                    self.log.message(f"stop requested: checkpoint at step {self.global_step}, exiting")
+                    return {"stopped_at_step": self.global_step}
+                self._end_epoch()
+            return self._test_best()
+        finally:
+            self.log.close()
 
     def _train_epoch(self, stop: StopRequested) -> bool:
         """The rest of the current epoch; False when a stop was requested (after checkpointing)."""
         cfg, loader, criterion, epoch = self.cfg, self.loader, self.criterion, self.epoch
         loader.set_epoch(epoch, self.batches_done)
         self.engine.train(True)
-        task = self.progress.start(f"epoch {epoch}", total=len(loader), completed=self.batches_done)
+        total = len(loader)
+        task = self.log.start(f"epoch {epoch}", total=total, completed=self.batches_done)
         tick = time.perf_counter()
         for batch in loader:
             data_s = time.perf_counter() - tick
-            labels = criterion.prepare_labels(batch.labels, batch.sample_id)
-            out = self.engine.step(batch.image, lambda logits: criterion(logits, labels, epoch, batch.valid,
-                                                                         batch.sample_id))
-            criterion.after_step(out, batch.sample_id)
+            out = train_step(self.engine, criterion, batch, epoch)
             self.global_step += 1
+            # No host sync on other steps (the device keeps its queue): the loss is read only here, on rank 0.
+            logging_step = self.global_step % cfg.log_every == 0
+            if logging_step and self.world.is_main:
+                self.last_loss = float(out.loss) if out is not None else None
             step_s = time.perf_counter() - tick
-            self.progress.advance(task, f"loss {out.loss.item():.4f}  data {data_s:.3f}s / step {step_s:.3f}s")
-            if self.global_step % cfg.log_every == 0:
-                self.log.write(kind="train", epoch=epoch, step=self.global_step, loss=out.loss.item(),
-                               selected=int(out.selected.sum()), corrections=criterion.corrections_kept(), data_s=round(data_s, 4),
-                               step_s=round(step_s, 4),
-                               img_s=round(batch.image.shape[0] * self.world.world_size / step_s, 1))
+            if logging_step:
+                self.log.record(kind="train", epoch=epoch, step=self.global_step, loss=self.last_loss,
+                                selected=int(out.selected.sum()) if out is not None and self.world.is_main else 0,
+                                corrections=criterion.corrections_kept(), data_s=round(data_s, 4),
+                                step_s=round(step_s, 4),
+                                img_s=round(batch.image.shape[0] * self.world.world_size / step_s, 1),
+                                **({} if out is not None else {"empty_step": True}))
+            loss_text = "-" if self.last_loss is None else f"{self.last_loss:.4f}"
+            self.log.advance(task, f"loss {loss_text}  data {data_s:.3f}s / step {step_s:.3f}s")
             if cfg.checkpoint.every_steps and self.global_step % cfg.checkpoint.every_steps == 0:
                 self.save()
-            if stop.agreed(self.device):
+            # The stop flag is an all_reduce: asked at logging steps and at the epoch's last step, so every
+            # rank still stops at the same step.
+            if (logging_step or loader.batches_done == total) and stop.agreed(self.device):
                 self.save()
                 return False
             tick = time.perf_counter()
-        self.progress.finish(task)
+        self.log.finish(task)
         return True
 
     def _end_epoch(self) -> None:
@@ -213,8 +233,8 @@ class Trainer:
         is_best = cfg.eval.select_on == "none" or val_map > self.best["val_map"]
         if is_best:
             self.best = {"val_map": val_map, "epoch": epoch}
-        self.log.write(kind="val", epoch=epoch, step=self.global_step, val_map=val_map, **info)
-        self.progress.log(f"epoch {epoch}: val mAP {val_map:.2f} "
+        self.log.record(kind="val", epoch=epoch, step=self.global_step, val_map=val_map, **info)
+        self.log.message(f"epoch {epoch}: val mAP {val_map:.2f} "
                           f"(best {self.best['val_map']:.2f} at epoch {self.best['epoch']})")
         self.epoch, self.batches_done = epoch + 1, 0
         self.loader.set_epoch(self.epoch, 0)
@@ -230,9 +250,8 @@ class Trainer:
         results = {"name": cfg.name, "scheme": cfg.loss.scheme, "alpha_train": cfg.model.alpha_train,
                    "alpha_eval": cfg.model.alpha_eval, "best_epoch": best["epoch"], "val_map": best["val_map"],
                    "test_map": test_map, **info}
-        self.log.write(kind="test", **results)
+        self.log.record(kind="test", **results)
         if self.world.is_main:
             (self.out_dir / "results.json").write_text(json.dumps(results, indent=1))
-        self.progress.log(f"test mAP {test_map:.2f} (epoch {best['epoch']} selected on val)")
-        self.progress.close()
+        self.log.message(f"test mAP {test_map:.2f} (epoch {best['epoch']} selected on val)")
         return results

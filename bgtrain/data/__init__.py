@@ -23,6 +23,9 @@ class Batch:
     sample_id: torch.Tensor  # (B,) ids within the split; -1 for placeholders
     valid: torch.Tensor      # (B,) False for padding and corrupt samples
     corrupt: int             # samples of this batch that failed to decode
+    # --- arch helper's minimal version (issue 14), to be reconciled with the data helper's at merge ---
+    num_valid: int = -1          # the valid rows are the first num_valid rows (host-side count)
+    step_has_data: bool = True   # False when no rank has a real sample in this step (same on every rank)
 
 
 class Loader:
@@ -98,12 +101,26 @@ class Loader:
         flip = None
         if self.cfg.flip and self.train and (self.cfg.backend == "dali" or self.cfg.decode == "gpu"):
             flip = flip_mask(raw["sample_id"], self.seed, self.epoch)
+        # --- arch helper's minimal version (issue 14), to be reconciled with the data helper's at merge:
+        # valid rows first (a stable host-side reorder; the identity when padding already comes last), so the
+        # trainer can forward the valid rows as a view; the count is read here, before ``valid`` leaves the host.
+        valid = valid.cpu()
+        num_valid = int(valid.sum())
+        pos, neg, sample_id = raw["pos"], raw["neg"], raw["sample_id"]
+        if not bool(valid[:num_valid].all()):  # reorder (a copy of the batch) only when needed
+            order = torch.argsort((~valid).to(torch.uint8), stable=True)
+            pos, neg, sample_id, valid = pos[order], neg[order], sample_id[order], valid[order]
+            images = images[order.to(images.device)]
+            if flip is not None:
+                flip = flip[order]
         return Batch(
             image=normalise(images, self.device, self.dtype, self.channels_last, flip),
-            labels=rows_from_padded(raw["pos"], raw["neg"], self.info.num_classes, self.info.rest, self.device),
-            sample_id=raw["sample_id"].to(self.device),
+            labels=rows_from_padded(pos, neg, self.info.num_classes, self.info.rest, self.device),
+            sample_id=sample_id.to(self.device),
             valid=valid.to(self.device),
             corrupt=corrupt,
+            num_valid=num_valid,
+            step_has_data=True,
         )
 
 
