@@ -112,9 +112,9 @@ def criterion_state(state: dict) -> dict:
 class Trainer:
     """One training run: set-up and resume in the constructor, then :meth:`fit`.
 
-    Every rank builds the same objects; rank 0 alone writes files. The state a resume needs (weights,
-    optimizer, corrections, criterion state, every rank's RNG, the loader position, the best epoch so far)
-    is gathered by :meth:`save`, so a resumed run continues exactly where the saved one was.
+    Every rank builds the same objects; rank 0 alone writes files. The state a resume needs (weights, optimizer,
+    criterion state such as LL-Cp's corrections or ROLE's table, every rank's RNG, the loader position, the best
+    epoch so far) is gathered by :meth:`save`, so a resumed run continues exactly where the saved one was.
     """
 
     def __init__(self, cfg: TrainConfig) -> None:
@@ -201,7 +201,7 @@ class Trainer:
             # No host sync on other steps (the device keeps its queue): the loss is read only here, on rank 0.
             logging_step = self.global_step % cfg.log_every == 0
             if logging_step and self.world.is_main:
-                self.last_loss = float(out.loss) if out is not None else None
+                self.last_loss = out.loss.item() if out is not None else None
             step_s = time.perf_counter() - tick
             if logging_step:
                 self.log.record(kind="train", epoch=epoch, step=self.global_step, loss=self.last_loss,

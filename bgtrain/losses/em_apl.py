@@ -1,5 +1,7 @@
-"""EM+APL (Zhou et al., ECCV 2022; reference: github Correr-Zhou/SPML-AckTheUnknown, losses.py ``loss_EM_APL`` and main.py
-``aysmmetric_pseudo_labeling``): EM, and after every epoch ``t >= warm-up`` a pseudo-labelling pass.
+"""EM+APL (Zhou et al., ECCV 2022): entropy maximisation plus asymmetric pseudo-labelling.
+
+Reference: github Correr-Zhou/SPML-AckTheUnknown, losses.py ``loss_EM_APL`` and main.py
+``aysmmetric_pseudo_labeling``. EM, and after every epoch ``t >= warm-up`` a pseudo-labelling pass.
   * For each class, the ``int(0.9 * U_c / (epochs - warm-up))`` lowest-scored entries that are still
     unknown become soft negatives. ``U_c`` is the number of unknowns of class c in the training split.
     Their target is the score p they had then, and their loss is ``beta * BCE(p_now, p)``.

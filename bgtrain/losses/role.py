@@ -1,5 +1,7 @@
-"""ROLE (Cole et al., CVPR 2021; reference: github elijahcole/single-positive-multi-label, losses.py ``loss_role`` and models.py
-``LabelEstimator``): a learnable N x C table of label-estimate logits, trained jointly with the model.
+"""ROLE (Cole et al., CVPR 2021): a criterion with a label-estimate table per sample.
+
+Reference: github elijahcole/single-positive-multi-label, losses.py ``loss_role`` and models.py
+``LabelEstimator``. A learnable N x C table of label-estimate logits, trained jointly with the model.
   * The table is **replicated** on every rank. After each step the ranks all-gather the table gradient
     rows of their batches (each sample is in exactly one rank's batch), so every rank applies the same
     dense Adam step and the copies stay bit-identical. This costs B x C floats per rank per step, and
