@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from bgtrain.data import build_loader
-from bgtrain.data.common import IMAGENET_STD, id_lists_from_lbl
+from bgtrain.data.common import IMAGENET_STD
 from bgtrain.distributed import WorldInfo
-from shards.format import decode_labels
+from shards.format import decode_labels, id_lists_from_lbl
 from test_data import CPU, data_cfg, epoch_ids
 
 pytest.importorskip("nvidia.dali", reason="nvidia-dali is not installed (requirements.txt)")
