@@ -142,16 +142,6 @@ def decode_label_rows(lbl: np.ndarray, lengths: np.ndarray | None = None) -> Lab
     return LabelRows(np.where(ok, lbl[:, 0], -1).astype(np.int64), *lists, ok)
 
 
-def id_lists_from_lbl(lbl: np.ndarray, label_set: str) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
-    """Sample ids (B,) and ``label_set``'s -1-padded positive and negative ids; a broken member raises."""
-    rows = decode_label_rows(lbl)
-    if not rows.ok.all():
-        bad = int(np.nonzero(~rows.ok)[0][0])
-        raise ValueError(f"label member of sample {int(np.asarray(lbl)[bad, 0])} does not match its header "
-                         f"{np.asarray(lbl)[bad, 1:HEADER].tolist()}")
-    return (rows.sample_id, *rows.label_set(label_set))
-
-
 def _gather_ids(lbl: np.ndarray, start: np.ndarray, count: np.ndarray) -> np.ndarray:
     width = max(int(count.max(initial=0)), 1)
     col = np.arange(width)

@@ -152,7 +152,7 @@ class DaliBackend:
         """One line naming the shard and sample DALI failed on, found by checking what it could have read."""
         from shards.images import Rejected, check_jpeg
         ld, rank = self.loader, self.loader.world.rank
-        said = str(error).strip().splitlines()[0] if str(error).strip() else type(error).__name__
+        said = _dali_said(error)
         ahead = min(sum(len(p) for p in pieces), (step + 3) * plan.batch_size + buffer)  # prefetch + buffer
         for _, sample in read_samples(ld.info, indices, pieces, list(range(ahead))):
             problem = None
@@ -173,6 +173,15 @@ class DaliBackend:
         return (f"DALI failed at batch {step} of rank {rank}, reading {', '.join(shards[:3])}"
                 f"{' ...' if len(shards) > 3 else ''}; no sample there is corrupt by the builder's check. "
                 f"DALI said: {said}")
+
+
+def _dali_said(error: Exception) -> str:
+    """DALI's multi-line error in one line: the failing operator and what it encountered."""
+    lines = [x.strip() for x in str(error).splitlines() if x.strip()]
+    operator = next((x.rstrip(",") for x in lines if x.startswith("Error in")), "")
+    after = lines.index("encountered:") + 1 if "encountered:" in lines else len(lines)
+    cause = lines[after] if after < len(lines) else (lines[0] if lines else type(error).__name__)
+    return f"{operator}: {cause}" if operator else cause
 
 
 def _first_sightings(sample_id: np.ndarray, ok: np.ndarray, seen: np.ndarray) -> np.ndarray:
