@@ -64,6 +64,11 @@ class SplitInfo:
                              "truncated")
         return index
 
+    def check_shards(self, shards: set[int]) -> None:
+        """:meth:`open_index` for each of ``shards``, keeping nothing: the readers open what they read."""
+        for shard in sorted(shards):
+            self.open_index(shard)
+
 
 def split_info(root: str | Path, split: str, label_set: str, need_files: bool = True) -> SplitInfo:
     """Read a split's shard list from the manifest, with clear errors for a missing split or tar.

@@ -38,9 +38,9 @@ import torch
 
 from bgtrain.data.backend import RawBatch
 from bgtrain.data.common import usable_labels
-from bgtrain.data.plan import EpochPlan
+from bgtrain.data.plan import EpochPlan, Piece
 from bgtrain.data.wds import read_samples
-from shards.format import ShardError, ShardIndex, decode_label_rows, pad_label_members
+from shards.format import ShardError, decode_label_rows, pad_label_members
 
 if TYPE_CHECKING:
     from bgtrain.data import Loader
@@ -114,7 +114,7 @@ class DaliBackend:
         ld = self.loader
         info, world = ld.info, ld.world
         pieces = plan.units(world.rank, 0)
-        indices = {s: info.open_index(s) for s in sorted({p.shard for p in pieces})}  # tars checked first
+        info.check_shards({p.shard for p in pieces})  # this rank's tars, before DALI reads them
         seed = int(np.random.default_rng([ld.seed, ld.epoch, world.rank]).integers(2**31 - 1))
         buffer = ld.cfg.shuffle_buffer if ld.train else 1
         pipe = build_pipeline([str(info.shard_paths[s]) for s in plan.order], rank=world.rank,
@@ -143,18 +143,17 @@ class DaliBackend:
                                corrupt=[(str(info.root / info.split), "a sample with an unreadable .lbl")] * int(
                                    (~ok).sum()))
         except RuntimeError as e:
-            raise ShardError(self._failure(plan, pieces, indices, step, buffer, e)) from None
+            raise ShardError(self._failure(plan, pieces, step, buffer, e)) from None
         finally:
             del iterator, pipe
 
-    def _failure(self, plan: EpochPlan, pieces, indices: dict[int, ShardIndex], step: int, buffer: int,
-                 error: Exception) -> str:
+    def _failure(self, plan: EpochPlan, pieces: tuple[Piece, ...], step: int, buffer: int, error: Exception) -> str:
         """One line naming the shard and sample DALI failed on, found by checking what it could have read."""
         from shards.images import Rejected, check_jpeg
         ld, rank = self.loader, self.loader.world.rank
         said = _dali_said(error)
         ahead = min(sum(len(p) for p in pieces), (step + 3) * plan.batch_size + buffer)  # prefetch + buffer
-        for _, sample in read_samples(ld.info, indices, pieces, list(range(ahead))):
+        for _, sample in read_samples(ld.info, pieces, list(range(ahead))):
             problem = None
             if sample["jpg"] is None or sample["lbl"] is None:
                 problem = "a member is missing or cut short"

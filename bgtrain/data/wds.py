@@ -26,7 +26,7 @@ from PIL import Image
 from bgtrain.data.backend import RawBatch
 from bgtrain.data.common import SplitInfo, flip_decision, usable_labels
 from bgtrain.data.plan import EpochPlan, Piece, skipped_batches
-from shards.format import ShardIndex, decode_label_rows, pad_label_members
+from shards.format import decode_label_rows, pad_label_members
 
 if TYPE_CHECKING:
     from bgtrain.data import Loader
@@ -66,8 +66,7 @@ def shuffled(items: Iterator[int], buffer: int, rng: np.random.Generator) -> Ite
     yield from pool
 
 
-def read_samples(info: SplitInfo, indices: dict[int, ShardIndex], pieces: tuple[Piece, ...],
-                 positions: list[int]) -> Iterator[tuple[int, dict]]:
+def read_samples(info: SplitInfo, pieces: tuple[Piece, ...], positions: list[int]) -> Iterator[tuple[int, dict]]:
     """(position, sample) for increasing ``positions`` of a range made of ``pieces``, seeking through the index.
 
     A sample is {"key", "shard", "jpg", "lbl"}; a member the index lacks or the tar cuts short is None.
@@ -76,7 +75,7 @@ def read_samples(info: SplitInfo, indices: dict[int, ShardIndex], pieces: tuple[
     for piece in pieces:
         end = first + len(piece)
         if k < len(positions) and positions[k] < end:
-            path, index = info.shard_paths[piece.shard], indices[piece.shard]
+            path, index = info.shard_paths[piece.shard], info.open_index(piece.shard)
             with open(path, "rb", buffering=1 << 20) as f:
                 while k < len(positions) and positions[k] < end:
                     i = piece.start + positions[k] - first
@@ -96,10 +95,9 @@ def read_samples(info: SplitInfo, indices: dict[int, ShardIndex], pieces: tuple[
 class SlotStream(torch.utils.data.IterableDataset):
     """Yields one rank's raw batches; each DataLoader worker reads the slots the plan gives it."""
 
-    def __init__(self, info: SplitInfo, plan: EpochPlan, indices: dict[int, ShardIndex], rank: int, seed: int,
-                 epoch: int, image_size: int, flip: bool, shuffle_buffer: int, batches_done: int = 0,
-                 decode: bool = True) -> None:
-        self.info, self.plan, self.indices, self.rank, self.seed, self.epoch = info, plan, indices, rank, seed, epoch
+    def __init__(self, info: SplitInfo, plan: EpochPlan, rank: int, seed: int, epoch: int, image_size: int,
+                 flip: bool, shuffle_buffer: int, batches_done: int = 0, decode: bool = True) -> None:
+        self.info, self.plan, self.rank, self.seed, self.epoch = info, plan, rank, seed, epoch
         self.image_size, self.flip, self.shuffle_buffer = image_size, flip, shuffle_buffer
         self.batches_done, self.decode = batches_done, decode
 
@@ -121,7 +119,7 @@ class SlotStream(torch.utils.data.IterableDataset):
 
     def _in_order(self, pieces: tuple[Piece, ...], order: list[int] | range) -> Iterator[dict]:
         """The samples at slot positions ``order``, read front to back and held until their turn."""
-        reader = read_samples(self.info, self.indices, pieces, sorted(order))
+        reader = read_samples(self.info, pieces, sorted(order))
         held: dict[int, dict] = {}
         for p in order:
             while p not in held:
@@ -188,9 +186,9 @@ class WebDatasetBackend:
     def raw_batches(self, plan: EpochPlan, batches_done: int) -> Iterator[RawBatch]:
         """This rank's raw batches, from ``data.workers`` DataLoader processes (or this one with 0)."""
         ld, rank = self.loader, self.loader.world.rank
-        shards = {p.shard for w in range(plan.workers) for p in plan.units(rank, w)}
-        indices = {s: ld.info.open_index(s) for s in sorted(shards)}  # every tar checked before reading
-        stream = SlotStream(ld.info, plan, indices, rank, ld.seed, ld.epoch, ld.cfg.image_size,
+        # Every tar of this rank is checked here, where a problem is one clear error, before workers read it.
+        ld.info.check_shards({p.shard for w in range(plan.workers) for p in plan.units(rank, w)})
+        stream = SlotStream(ld.info, plan, rank, ld.seed, ld.epoch, ld.cfg.image_size,
                             ld.cfg.flip and ld.train, ld.cfg.shuffle_buffer if ld.train else 1, batches_done,
                             decode=ld.cfg.decode == "cpu")
         return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=ld.cfg.workers,
