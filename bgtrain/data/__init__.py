@@ -59,6 +59,7 @@ class Loader:
             raise ValueError("data.decode=gpu needs a CUDA device; use data.decode=cpu on this machine")
         self.backend = BACKENDS[cfg.backend](self)
         self.epoch, self.batches_done = 1, 0
+        self._plan: tuple[int, EpochPlan] | None = None
         self._counts: Counter[str] = Counter()
         self._corrupt_by_shard: Counter[str] = Counter()
         self._examples: dict[str, str] = {}
@@ -72,13 +73,15 @@ class Loader:
         self._reset_counts()
 
     def plan(self) -> EpochPlan:
-        """This epoch's plan, the same on every rank."""
+        """This epoch's plan, the same on every rank (computed once per epoch)."""
         if self.cfg.resampled and self.train and not self.cfg.epoch_samples:
             raise ValueError("data.epoch_samples: is required when data.resampled is true")
-        nominal = self.cfg.epoch_samples if self.cfg.resampled and self.train else None
-        return plan_epoch(self.info, self.seed, self.epoch, self.world.world_size, self.backend.slots_per_rank(),
-                          self.batch_size, shuffle=self.train, epoch_samples=nominal,
-                          pad_at_end=self.backend.pad_at_end())
+        if self._plan is None or self._plan[0] != self.epoch:
+            nominal = self.cfg.epoch_samples if self.cfg.resampled and self.train else None
+            self._plan = (self.epoch, plan_epoch(
+                self.info, self.seed, self.epoch, self.world.world_size, self.backend.slots_per_rank(),
+                self.batch_size, shuffle=self.train, epoch_samples=nominal, pad_at_end=self.backend.pad_at_end()))
+        return self._plan[1]
 
     def __len__(self) -> int:
         n = self.plan().steps_per_epoch

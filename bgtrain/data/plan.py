@@ -18,7 +18,8 @@ no tar (``python -m bgtrain.data plan`` runs it on a login node) and no communic
 * **Slots.** Slot k of a rank reads one contiguous range: the rank's range is cut into K consecutive
   pieces whose sizes are the rows of the slot's steps. A range may start and end mid-shard; the
   reader seeks there with the shard's DALI index (``.idx``), reading nothing twice.
-* **Small splits.** With fewer samples than ranks (N < W) some ranks' only batch is all padding; with
+* **Small splits.** With fewer steps than workers, the extra workers of a rank read nothing. With
+  fewer samples than ranks (N < W) some ranks' only batch is all padding; with
   batch size 1 and W not dividing N the last step is padding on the ranks with one sample fewer.
   Those are the only batches made only of padding. ``step_has_data`` is False only at a step where
   no rank has a sample, which this plan never produces; engines use it to skip such a step.
