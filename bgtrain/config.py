@@ -45,6 +45,7 @@ class DataConfig:
     epoch_samples: Optional[int] = None  # nominal epoch length (global samples) in resampled mode
     max_batches: Optional[int] = None    # cut every epoch short (smoke tests)
     eval_batch_size: int = 64
+    max_corrupt_fraction: float = 0.001  # corrupt samples allowed per pass and rank (bgtrain.data); more stops
 
 
 @dataclass
@@ -170,6 +171,7 @@ def _validate(cfg: TrainConfig) -> None:
         (cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1"),
         (cfg.data.workers >= 0, "data.workers", "must be >= 0"),
         (cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1"),
+        (0 <= cfg.data.max_corrupt_fraction <= 1, "data.max_corrupt_fraction", "must be in [0, 1]"),
         (not cfg.data.resampled or cfg.data.epoch_samples, "data.epoch_samples", "is required when data.resampled"),
         (cfg.loss.delta_rel is None or 0 < cfg.loss.delta_rel < 1, "loss.delta_rel", "must be in (0, 1)"),
         (cfg.optim.lr > 0, "optim.lr", "must be > 0"),
