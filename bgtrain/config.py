@@ -218,7 +218,12 @@ def _merge(base: dict, top: dict) -> dict:
 
 
 def read_yaml_tree(path: str | Path, _seen: tuple = ()) -> dict:
-    """A config file as a dict; ``base: other.yaml`` (relative to the file) is merged underneath it."""
+    """A config file as a dict, composed from its ``base:`` files (paths relative to the file).
+
+    ``base`` is one file or a list of files, merged in order underneath the file's own keys: with
+    ``base: [base.yaml, ../rows/LL-R.yaml]`` the dataset file is laid down first, the row file on top of it,
+    and any key in this file on top of both.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -230,10 +235,17 @@ def read_yaml_tree(path: str | Path, _seen: tuple = ()) -> dict:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    base = tree.pop("base", None)
-    if base is not None:
-        tree = _merge(read_yaml_tree(path.parent / base, _seen + (path.resolve(),)), tree)
-    return tree
+    bases = tree.pop("base", None)
+    if bases is None:
+        return tree
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not bases or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(f"{path}: base: expected a file name or a list of file names, got {bases!r}")
+    composed: dict = {}
+    for base in bases:
+        composed = _merge(composed, read_yaml_tree(path.parent / base, _seen + (path.resolve(),)))
+    return _merge(composed, tree)
 
 
 def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
