@@ -17,7 +17,15 @@ REPO = Path(__file__).resolve().parents[1]
 FIXTURE = json.loads((REPO / "tests" / "fixtures" / "resolved_configs.json").read_text())
 
 # Deliberate changes since the fixture was dumped, per file: {key: (before, after)}.
-CHANGES: dict[str, dict[str, tuple]] = {}
+# OpenImages as the reference (issue 16): its models.py builds a ResNet-101 (so ImageNet ResNet-101 weights), and its
+# compute_metrics_openimages keeps AP 0 for a class with known labels but no positive.
+OPENIMAGES_AS_REFERENCE = {
+    "model.depth": (50, 101),
+    "model.pretrained": ("weights/resnet50-imagenet.pth", "weights/resnet101-imagenet.pth"),
+    "eval.no_positive": ("skip", "zero"),
+}
+OPENIMAGES = sorted(p for p in FIXTURE if p.startswith("configs/openimages"))
+CHANGES: dict[str, dict[str, tuple]] = {p: OPENIMAGES_AS_REFERENCE for p in OPENIMAGES}
 
 
 def _flat(tree: dict, prefix: str = "") -> dict:
@@ -47,6 +55,14 @@ def test_config_resolves_as_before(path: str) -> None:
         assert now[key] == DEFAULTS[key], f"{path}: sets {key}, which the fixture does not know"
         expected[key] = DEFAULTS[key]
     assert now == expected
+
+
+def test_openimages_rows_are_the_reference_setting() -> None:
+    assert len(OPENIMAGES) == 8         # base, six rows, and the Slurm script's default
+    for path in OPENIMAGES:
+        cfg = load_config(REPO / path)
+        assert (cfg.model.depth, cfg.eval.no_positive, cfg.eval.groups) == (101, "zero", 5), path
+        assert (cfg.data.image_size, cfg.data.batch_size, cfg.optim.lr) == (448, 16, 1e-5), path
 
 
 def test_no_two_configs_are_copies() -> None:
