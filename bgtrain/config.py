@@ -11,9 +11,10 @@ import dataclasses
 import math
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional, Sequence
+from typing import Any, Literal
 
 import yaml
 
@@ -83,7 +84,7 @@ class ModelConfig:
     depth: Literal[18, 34, 50, 101] = setting(50, "ResNet trunk depth (torchvision); the paper: 50, OpenImages 101")
     alpha_train: float = setting(5.0, "BoostLU α in training (1 = plain GAP head)", low=1.0)
     alpha_eval: float = setting(5.0, 'BoostLU α at evaluation ("inference only" = train 1, eval 5)', low=1.0)
-    pretrained: Optional[str] = setting(
+    pretrained: str | None = setting(
         None, "local torchvision ResNet state-dict file; fc is reshaped into the 1x1 conv when class counts match; "
               "never downloaded")
     channels_last: bool = setting(True, "channels-last weights and inputs")
@@ -105,31 +106,31 @@ class DataConfig:
              "epoch)", low=1)
     flip: bool = setting(True, "horizontal flip, a pure function of (seed, epoch, sample id)")
     resampled: bool = setting(False, "draw shards with replacement, nominal epochs of `data.epoch_samples`")
-    epoch_samples: Optional[int] = setting(
+    epoch_samples: int | None = setting(
         None, "global samples per nominal epoch (resampled mode; required there)", low=1)
-    max_batches: Optional[int] = setting(None, "cut every training epoch short (smoke tests)", low=1)
+    max_batches: int | None = setting(None, "cut every training epoch short (smoke tests)", low=1)
     eval_batch_size: int = setting(64, "per rank, validation and test", low=1)
 
 
 @dataclass
 class LossConfig:
     scheme: Scheme = setting("AN", "training loss (the paper's rows and the single-positive baselines)")
-    delta_rel: Optional[float] = setting(
+    delta_rel: float | None = setting(
         None, "large-loss rate Δ_rel; null = the paper's default (LL-R 0.005, LL-Ct 0.002, LL-Cp 0.001)",
         low=0.0, high=1.0, low_open=True, high_open=True)
     ls_epsilon: float = setting(0.1, "LS: AN targets smoothed to 1 - ε and ε", low=0.0, high=1.0)
     asl_gamma_neg: float = setting(4.0, "ASL: focusing exponent γ- on negatives", low=0.0)
     asl_gamma_pos: float = setting(1.0, "ASL: focusing exponent γ+ on positives", low=0.0)
     asl_clip: float = setting(0.05, "ASL: probability shift on negatives", low=0.0, high=1.0)
-    expected_positives: Optional[float] = setting(
+    expected_positives: float | None = setting(
         None, "EPR / ROLE k̂; null = dataset default (VOC 1.5, COCO 2.9, NUS 1.9, CUB 31.4)", low=0.0, low_open=True)
-    em_alpha: Optional[float] = setting(
+    em_alpha: float | None = setting(
         None, "EM / EM+APL entropy weight; null = the EM+APL paper's per dataset (VOC 0.2, COCO 0.1, NUS 0.1, "
               "CUB 0.01; others 0.1)", low=0.0)
-    apl_beta: Optional[float] = setting(
+    apl_beta: float | None = setting(
         None, "EM+APL soft-negative weight; null = per dataset (VOC 0.02, COCO 0.9, NUS 0.2, CUB 0.4; others 0.1)",
         low=0.0)
-    apl_warmup_epochs: Optional[int] = setting(
+    apl_warmup_epochs: int | None = setting(
         None, "EM+APL epochs before pseudo-labelling; null = per dataset (VOC 5, COCO 5, NUS 4, CUB 3; others 1)",
         low=0)
     state_max_gib: float = setting(
@@ -166,7 +167,7 @@ class EngineConfig:
 class CheckpointConfig:
     every_steps: int = setting(0, "also checkpoint every N steps (0 = only at epoch ends)", low=0)
     keep_last: int = setting(2, "step checkpoints kept (plus `best.pt`)", low=1)
-    resume: Optional[str] = setting(
+    resume: str | None = setting(
         None, "`latest` or a checkpoint path; when null, a torchrun restart (`--max-restarts`) still resumes from "
               "`latest` instead of starting over")
 
@@ -204,6 +205,10 @@ def _describe(tp: Any) -> str:
     if _is_optional(tp):
         return _describe(_strip_optional(tp)) + " or null"
     return getattr(tp, "__name__", str(tp))
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
 def _is_optional(tp: Any) -> bool:
@@ -244,7 +249,7 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     for name, value in data.items():
         tp = hints[name]
         key = f"{prefix}{name}"
-        kwargs[name] = _build(tp, value, key + ".") if dataclasses.is_dataclass(tp) else _coerce(key, value, tp)
+        kwargs[name] = _build(tp, value, key + ".") if _is_section(tp) else _coerce(key, value, tp)
     return cls(**kwargs)
 
 
@@ -278,7 +283,7 @@ def config_keys(cls: type = TrainConfig, prefix: str = "") -> list[Key]:
     keys: list[Key] = []
     for f in dataclasses.fields(cls):
         tp = hints[f.name]
-        if dataclasses.is_dataclass(tp):
+        if _is_section(tp):
             keys += config_keys(tp, f"{prefix}{f.name}.")
         else:
             default = f.default if f.default is not dataclasses.MISSING else None

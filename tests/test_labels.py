@@ -242,6 +242,7 @@ def _two_rank_worker(rank: int, port: int, out_dir: str) -> None:
 
 
 @pytest.mark.flaky(reruns=2, reason="gloo's loopback connect occasionally stalls in this sandbox; the retry starts fresh processes")
+@pytest.mark.distributed
 def test_correction_store_reaches_every_rank_and_checkpoint_keeps_all(tmp_path) -> None:
     mp.spawn(_two_rank_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
