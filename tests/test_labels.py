@@ -1,4 +1,4 @@
-"""Label rules of DESIGN.md ("Label encoding", "Training recipe"): COLE's single positive and split, Durand's
+"""Label rules of docs/design.md ("Label encoding", "Training recipe"): COLE's single positive and split, Durand's
 partial labels, dense rows, and the LL-Cp correction store (single process and a real 2-rank gloo world).
 
 Every reference here is written out from the published procedure, not taken from bgtrain.
