@@ -1,4 +1,4 @@
-"""Loss rules of DESIGN.md ("Large-loss schemes", "Baselines"), each compared with a reference written out here.
+"""Loss rules of docs/design.md ("Large-loss schemes", "Baselines"), each compared with a reference written out here.
 
 The references work in float64 with the textbook formulas (-log p, -log(1-p)), drop padded rows before computing, and
 select large losses by sorting a Python list, so they share no code path with bgtrain.losses.
@@ -26,7 +26,7 @@ PAPER_DELTA = {"LL-R": 0.005, "LL-Ct": 0.002, "LL-Cp": 0.001}
 LL_SCHEMES = ("LL-R", "LL-Ct", "LL-Cp")
 
 
-# --- reference large-loss rule, written out from DESIGN.md ---
+# --- reference large-loss rule, written out from docs/design.md ---
 
 def ref_k(scheme: str, b: int, c: int, epoch: int, delta: float) -> int:
     if epoch == 1:

@@ -212,7 +212,7 @@ def test_bench_cli_prints_json_rows_and_summary(cpu_ext, capsys):
 
 
 def test_hbm_floor_matches_design_figure():
-    # DESIGN.md: BoostLU+GAP fwd+bwd at 64x5000x14x14 bf16 has an HBM floor of about 78 us on an H200 (4.8e12 B/s).
+    # docs/design.md: BoostLU+GAP fwd+bwd at 64x5000x14x14 bf16 has an HBM floor of about 78 us on an H200 (4.8e12 B/s).
     from bgtrain.bench.boostlu import floor_bytes
 
     assert floor_bytes((64, 5000, 14, 14), torch.bfloat16, "fwd+bwd") / 4.8e12 * 1e6 == pytest.approx(78, abs=1)

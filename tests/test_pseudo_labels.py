@@ -310,6 +310,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.flaky(reruns=2, reason="gloo's loopback connect occasionally stalls in this sandbox; the retry starts fresh processes")
 @pytest.mark.timeout(120)
+@pytest.mark.distributed
 def test_two_gloo_ranks_agree_with_one_process(tmp_path):
     mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
@@ -352,6 +353,7 @@ def test_two_gloo_ranks_agree_with_one_process(tmp_path):
 
 # -------------------------------------------------------------------------------------- end to end
 @pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.timeout(300)
 def test_short_training_run_per_scheme_writes_results(smoke_shards, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

@@ -15,6 +15,8 @@ import torch
 
 from tests.conftest import REPO, free_port
 
+pytestmark = pytest.mark.distributed  # torchrun / Slurm / several processes: not in `make test-fast`
+
 STEPS_PER_EPOCH = 8  # 200 samples in shards of 60/60/60/20, 2 ranks x 2 workers, batch 16
 
 
