@@ -35,8 +35,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", type=Path, required=True, help="output shard folder")
     b.add_argument("--images", type=Path, help="image root (nuswide, openimages, csv), if not under --src")
     b.add_argument("--classes", type=Path, help="csv: class names file (default SRC/classes.txt)")
-    b.add_argument("--rest", choices=("unknown", "negative"), default="unknown",
-                   help="csv: value of classes a row does not list (default unknown)")
+    b.add_argument("--rest", default=None, metavar="unknown|negative|SPLIT=VALUE,...",
+                   help="csv: value of classes a row does not list, for all splits or per split "
+                        "(train=unknown,val=negative,test=negative); default: train unknown, val/test negative "
+                        "unless their list gives negatives")
     b.add_argument("--max-side", type=int, default=512, help="shrink longer side to this; 0 keeps size (default 512)")
     b.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
     b.add_argument("--shard-size", type=int, default=2000, help="samples per tar (default 2000)")
@@ -91,6 +93,8 @@ def _build(args: argparse.Namespace) -> int:
     data = get_reader(args.dataset)(args.src, seed=args.seed, images=args.images, classes=args.classes,
                                     rest=args.rest)
     opts = BuildOptions(args.max_side or None, args.quality, args.shard_size, args.seed, args.part, args.parts)
+    for note in data.notes:
+        console.print(f"[yellow]note[/]: {note}")
     problems = data.problems.summary()
     if problems:
         console.print(f"[yellow]annotation problems[/]: {problems}")
