@@ -93,7 +93,7 @@ def evaluate_map(engine, cfg: TrainConfig, split: str, world: WorldInfo, device:
     """mAP (%) of the current model on a split (full labels); all ranks take part."""
     scores, labels, _ = score_split(engine, cfg, split, world, device)
     result = sharded_ap_with_counts(scores, labels)
-    value, info = mean_ap(result.ap, cfg.eval.no_positive, result.n_pos)
+    value, info = mean_ap(result.ap, cfg.eval.no_positive, result.n_pos, result.n_known - result.n_pos)
     if cfg.eval.groups:
         groups = report(result.ap, read_manifest(cfg.data.shards), cfg.eval.groups, cfg.eval.no_positive,
                         result.n_pos)["groups"]

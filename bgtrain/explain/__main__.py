@@ -81,4 +81,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from bgtrain.cli import run_cli
+
+    sys.exit(run_cli(main, prog="bgtrain.explain"))
