@@ -353,7 +353,7 @@ def test_evaluate_on_shards_with_another_class_count_names_both(trained, tmp_pat
 
 
 def test_explain_on_a_non_image_is_one_line(trained, tmp_path, capsys):
-    from bgtrain.explain import main
+    from bgtrain.explain.__main__ import main
     fake = tmp_path / "notes.jpg"
     fake.write_text("not a picture")
     code, text = call(main, ["overlay", "--checkpoint", str(trained / "checkpoints" / "best.pt"),
