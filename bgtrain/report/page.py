@@ -11,7 +11,8 @@ body { font-family: system-ui, sans-serif; margin: 24px; max-width: 1100px; colo
 h1 { font-size: 1.5em; } h2 { font-size: 1.15em; margin-top: 1.6em; border-bottom: 1px solid #ddd; }
 table { border-collapse: collapse; font-size: 0.92em; }
 th, td { border: 1px solid #ccc; padding: 4px 9px; text-align: right; }
-th:first-child, td:first-child, td.text { text-align: left; }
+th { background: #f3f3f3; }
+th:first-child, td:first-child, td.text, th.text { text-align: left; }
 .missing { background: #fff6da; border: 1px solid #e5c158; padding: 8px 14px; }
 .missing li { font-family: ui-monospace, monospace; font-size: 0.85em; }
 .note { color: #666; font-size: 0.9em; }
@@ -42,7 +43,9 @@ def number(value: float | None, signed: bool = False) -> str:
 def table(rows: Sequence[dict]) -> str:
     """The runs table: row dicts with name, scheme, status, best_epoch, val_map, test_map, paper, diff."""
     head = ["run", "scheme", "status", "best epoch", "val mAP", "test mAP", "paper", "diff"]
-    out = ["<table>", "<tr>" + "".join(f"<th>{h}</th>" for h in head) + "</tr>"]
+    text = {"scheme", "status"}
+    out = ["<table>", "<tr>" + "".join(f'<th class="text">{h}</th>' if h in text else f"<th>{h}</th>"
+                                       for h in head) + "</tr>"]
     for r in rows:
         cells = [f"<td>{escape(r['name'])}</td>", f'<td class="text">{escape(str(r.get("scheme") or "–"))}</td>',
                  f'<td class="text">{escape(r["status"])}</td>',
