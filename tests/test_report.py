@@ -25,7 +25,7 @@ from bgtrain.checkpoint import load_model_for_eval
 from bgtrain.report.cams import EpochCams
 from bgtrain.report.cli import build_parser, build_report, main
 from bgtrain.report.runs import ll_schedule, read_run
-from bgtrain.report.tensorboard import TensorBoardSink, record_scalars
+from bgtrain.report.tensorboard import TensorBoardSink, record_scalars, tensorboard_enabled
 
 REPO = Path(__file__).resolve().parents[1]
 CLASSES, BATCH = 6, 16
@@ -114,6 +114,14 @@ def test_train_record_scalars_include_lr_and_the_data_wait_share() -> None:
     assert record_scalars({"kind": "val", "step": 4, "val_map": 60.0, "groups": [{"group": "G1", "map": 50.0}]}) \
         == {"val/map": 60.0, "val_groups/G1": 50.0}
     assert record_scalars({"kind": "something else", "step": 1}) == {}
+
+
+def test_tensorboard_is_on_unless_the_config_turns_it_off() -> None:
+    from types import SimpleNamespace
+
+    from bgtrain.config import TrainConfig
+    assert tensorboard_enabled(TrainConfig()) is True           # also a config from before log.tensorboard existed
+    assert tensorboard_enabled(SimpleNamespace(log=SimpleNamespace(tensorboard=False))) is False
 
 
 def test_tensorboard_steps_and_values_match_metrics_jsonl(tiny, tmp_path) -> None:
