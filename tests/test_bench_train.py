@@ -40,6 +40,7 @@ def test_cpu_command_prints_every_mode_and_input_efficiency():
     (summary,) = summaries
     ceiling, fed, alone = (m["img_per_s"] for m in modes)
     assert summary["summary"] is True and summary["backend"] == "dali" and summary["decode"] == "cpu"
+    assert summary["rounds"] == 1 and summary["data_wait_ms"] == modes[1]["data_wait_ms"]
     assert summary["ceiling_img_per_s"] == ceiling and summary["end_to_end_img_per_s"] == fed
     assert summary["loader_alone_img_per_s"] == alone
     assert summary["input_efficiency"] == round(fed / ceiling, 3) > 0

@@ -101,8 +101,9 @@ class Loader:
         return Batch(
             image=normalise(images, self.device, self.dtype, self.channels_last, flip),
             labels=rows_from_padded(raw["pos"], raw["neg"], self.info.num_classes, self.info.rest, self.device),
-            sample_id=raw["sample_id"].to(self.device),
-            valid=valid.to(self.device),
+            # non_blocking: a blocking host-to-GPU copy waits for the queued training step (a host sync per batch)
+            sample_id=raw["sample_id"].to(self.device, non_blocking=True),
+            valid=valid.to(self.device, non_blocking=True),
             corrupt=corrupt,
         )
 
