@@ -1,4 +1,4 @@
-"""`bench train`: the issue's CPU command end to end, the step-time split, and a synthetic batch shaped like the loader's."""
+"""`bench train`: the issue's CPU command end to end, the step-time split, a synthetic batch shaped as the loader's."""
 from __future__ import annotations
 
 import json
