@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "evaluate": "bgtrain.bench.evaluate",
     "boostlu": "bgtrain.bench.boostlu",
     "loader": "bgtrain.bench.loader",
+    "train": "bgtrain.bench.train",
 }
 
 

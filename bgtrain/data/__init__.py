@@ -142,8 +142,9 @@ class Loader:
         return Batch(
             image=normalise(take(images), self.device, self.dtype, self.channels_last, flip),
             labels=rows_from_padded(take(raw.pos), take(raw.neg), self.info.num_classes, self.info.rest, self.device),
-            sample_id=sample_id.to(self.device),
-            valid=valid.to(self.device),
+            # non_blocking: a blocking host-to-GPU copy waits for the queued training step (a host sync per batch)
+            sample_id=sample_id.to(self.device, non_blocking=True),
+            valid=valid.to(self.device, non_blocking=True),
             num_valid=int(valid.sum()),
             step_has_data=step_has_data,
         )
