@@ -52,9 +52,10 @@ from bgtrain.data import Batch, build_loader
 from bgtrain.distributed import WorldInfo
 # The step's parts come from the project's factories only (the lead adjusts these two lines when engine.py and
 # losses.py become packages).
-from bgtrain.engine import DTYPES, build_engine
-from bgtrain.losses import build_criterion
+from bgtrain.engines import DTYPES, build_engine
+from bgtrain.losses import Criterion, build_criterion
 from bgtrain.model import build_model
+from bgtrain.trainer import train_step
 
 COMPILE_CHOICES = {"no": [False], "yes": [True], "both": [False, True]}
 ANCHOR = "R50, 448 px, 5000 classes, batch 64, bf16, channels-last, eager and compile, DALI mixed"
@@ -153,15 +154,15 @@ def synthetic_batch(batch_size: int, image_size: int, num_classes: int, device: 
     labels = torch.full((batch_size, num_classes), -1, dtype=torch.int8)
     labels[torch.arange(batch_size), torch.randint(num_classes, (batch_size,), generator=gen)] = 1
     return Batch(image=image, labels=labels.to(device), sample_id=torch.arange(batch_size, device=device),
-                 valid=torch.ones(batch_size, dtype=torch.bool, device=device), corrupt=0)
+                 valid=torch.ones(batch_size, dtype=torch.bool, device=device), num_valid=batch_size,
+                 step_has_data=True)
 
 
 def make_step(engine, criterion, epoch: int, host_sync: bool) -> Callable[[Batch], object]:
     """The trainer's step on one batch; ``host_sync`` adds the per-step ``loss.item()`` the loop used to do."""
     def step(batch: Batch):
-        out = engine.step(batch.image, lambda logits: criterion(logits, batch.labels, epoch, batch.valid,
-                                                               batch.sample_id))
-        return out.loss.item() if host_sync else out
+        out = train_step(engine, criterion, batch, epoch)
+        return out.loss.item() if host_sync and out is not None else out
     return step
 
 
@@ -193,8 +194,24 @@ def build_step_parts(cfg: TrainConfig, num_classes: int, dataset: str, num_sampl
     criterion = build_criterion(cfg.loss, dataset, num_samples, num_classes, epochs=cfg.optim.epochs,
                                 lr=cfg.optim.lr * cfg.optim.head_lr_mult, seed=cfg.seed)
     if compile_loss and cfg.engine.compile:
-        criterion = torch.compile(criterion, mode=compile_mode)
+        criterion = CompiledLoss(criterion, compile_mode)
     return engine, criterion
+
+
+class CompiledLoss(Criterion):
+    """A criterion whose loss runs under ``torch.compile``; its label hooks are the wrapped criterion's."""
+
+    def __init__(self, inner: Criterion, mode: str | None) -> None:
+        self.inner, self.loss = inner, torch.compile(inner.__call__, mode=mode)
+
+    def __call__(self, *args, **kwargs):  # type: ignore[override]
+        return self.loss(*args, **kwargs)
+
+    def prepare_labels(self, labels: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
+        return self.inner.prepare_labels(labels, sample_ids)
+
+    def after_step(self, out=None, sample_ids=None) -> None:
+        self.inner.after_step(out, sample_ids)
 
 
 def _loader_stream(cfg: TrainConfig, backend: str, device: torch.device, dtype: torch.dtype):
