@@ -164,3 +164,13 @@ def broadcast_object(obj: object, src: int = 0) -> object:
 def rank_and_world() -> tuple[int, int]:
     """(rank, world size) of the running process group; (0, 1) without one."""
     return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def sum_over_ranks(counts: dict[str, int], device: torch.device) -> dict[str, int]:
+    """Integer counts (same keys on every rank) summed over all ranks (collective; identity without a group)."""
+    if world_size() == 1:
+        return dict(counts)
+    keys = sorted(counts)
+    t = torch.tensor([counts[k] for k in keys], dtype=torch.int64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))

@@ -221,7 +221,7 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     from bgtrain.checkpoint import load_model_for_eval
     from bgtrain.cli import DataError, UsageError
     from bgtrain.data import build_loader
-    from bgtrain.distributed import init_distributed, shutdown
+    from bgtrain.distributed import init_distributed, shutdown, sum_over_ranks
     from bgtrain.predict import predict
     from shards.format import read_manifest
 
@@ -242,11 +242,16 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
                               channels_last=cfg.model.channels_last)
         scores, labels = predict(model, loader)
         res = sharded_ap_with_counts(scores, labels)
+        counts = sum_over_ranks(loader.counts(), device)
         result = None
         if world.is_main:
             result = report(res.ap, manifest, args.groups, args.no_positive, res.n_pos, args.group_counts,
                             res.n_known - res.n_pos)
-            result.update(checkpoint=str(args.checkpoint), split=args.split, alpha_eval=model.alpha_eval)
+            result.update(checkpoint=str(args.checkpoint), split=args.split, alpha_eval=model.alpha_eval,
+                          data=counts)
+            if counts["corrupt"]:
+                print(f"warning: {args.split}: scored {counts['samples'] - counts['corrupt']} of {counts['samples']} "
+                      f"samples; {counts['corrupt']} corrupt samples were skipped", file=sys.stderr)
             print_report(result)
             path = write_report(result, args.out or Path(args.checkpoint).parent, f"map_{args.split}.json")
             print(f"wrote {path}")

@@ -16,7 +16,7 @@ import torch.distributed as dist
 from bgtrain import checkpoint as ckpt
 from bgtrain.config import TrainConfig, save_config, to_dict
 from bgtrain.data import Batch, build_loader
-from bgtrain.distributed import WorldInfo, broadcast_object, init_distributed, restart_count
+from bgtrain.distributed import WorldInfo, broadcast_object, init_distributed, restart_count, sum_over_ranks
 from bgtrain.engines import DTYPES, build_engine
 from bgtrain.evaluate import report, sharded_ap_with_counts
 from bgtrain.engines.base import Engine
@@ -78,27 +78,45 @@ def seed_everything(seed: int, rank: int) -> None:
 
 
 def score_split(engine, cfg: TrainConfig, split: str, world: WorldInfo, device: torch.device,
-                label_set: str | None = None):
-    """(scores, labels, sample ids) of this rank's share of a split, in eval mode (the evaluation alpha)."""
+                label_set: str | None = None, counts: dict | None = None):
+    """(scores, labels, sample ids) of this rank's share of a split, in eval mode (the evaluation alpha).
+
+    ``counts``, when given, is filled with the pass's samples, corrupt samples and padding, summed over ranks
+    (collective), so a score computed on less data than asked can say so.
+    """
     loader = build_loader(cfg.data, split, world, device, train=False, seed=cfg.seed,
                           channels_last=cfg.model.channels_last, label_set=label_set)
     engine.train(False)
     try:
-        return predict(engine.eval_logits, loader, with_ids=True)
+        scored = predict(engine.eval_logits, loader, with_ids=True)
     finally:
         engine.train(True)
+    if counts is not None:
+        counts.update(sum_over_ranks(loader.counts(), device))
+    return scored
 
 
 def evaluate_map(engine, cfg: TrainConfig, split: str, world: WorldInfo, device: torch.device) -> tuple[float, dict]:
-    """mAP (%) of the current model on a split (full labels); all ranks take part."""
-    scores, labels, _ = score_split(engine, cfg, split, world, device)
+    """mAP (%) of the current model on a split (full labels), with the split's sample counts; all ranks take part."""
+    counts: dict = {}
+    scores, labels, _ = score_split(engine, cfg, split, world, device, counts=counts)
     result = sharded_ap_with_counts(scores, labels)
     value, info = mean_ap(result.ap, cfg.eval.no_positive, result.n_pos, result.n_known - result.n_pos)
     if cfg.eval.groups:
         groups = report(result.ap, read_manifest(cfg.data.shards), cfg.eval.groups, cfg.eval.no_positive,
                         result.n_pos)["groups"]
         info["groups"] = groups
+    info["data"] = counts
     return value, info
+
+
+def shortfall(split: str, counts: dict) -> str | None:
+    """A warning when a split was scored or trained on fewer samples than it holds (corrupt ones skipped)."""
+    if not counts.get("corrupt"):
+        return None
+    used = counts["samples"] - counts["corrupt"]
+    return (f"{split}: computed on {used} of {counts['samples']} samples; {counts['corrupt']} corrupt samples were "
+            "skipped (see the warnings above for the shards)")
 
 
 def criterion_state(state: dict) -> dict:
@@ -221,7 +239,16 @@ class Trainer:
                 return False
             tick = time.perf_counter()
         self.log.finish(task)
+        # Collective, once per epoch: what this epoch read, and how much of it was corrupt (skipped) or padding.
+        counts = sum_over_ranks(loader.counts(), self.device)
+        self.log.record(kind="data", split="train", epoch=epoch, step=self.global_step, **counts)
+        self._warn_shortfall(f"train epoch {epoch}", counts)
         return True
+
+    def _warn_shortfall(self, what: str, counts: dict) -> None:
+        warning = shortfall(what, counts)
+        if warning:
+            self.log.warning(warning)
 
     def _end_epoch(self) -> None:
         """Criterion's epoch hook, validation, best-epoch bookkeeping and the end-of-epoch checkpoint."""
@@ -234,6 +261,7 @@ class Trainer:
         if is_best:
             self.best = {"val_map": val_map, "epoch": epoch}
         self.log.record(kind="val", epoch=epoch, step=self.global_step, val_map=val_map, **info)
+        self._warn_shortfall(f"val mAP of epoch {epoch}", info.get("data", {}))
         self.log.message(f"epoch {epoch}: val mAP {val_map:.2f} "
                           f"(best {self.best['val_map']:.2f} at epoch {self.best['epoch']})")
         self.epoch, self.batches_done = epoch + 1, 0
@@ -253,5 +281,7 @@ class Trainer:
         self.log.record(kind="test", **results)
         if self.world.is_main:
             (self.out_dir / "results.json").write_text(json.dumps(results, indent=1))
-        self.log.message(f"test mAP {test_map:.2f} (epoch {best['epoch']} selected on val)")
+        self.log.message(f"test mAP {test_map:.2f} (epoch {best['epoch']} selected on val) on "
+                         f"{info['data']['samples'] - info['data']['corrupt']} test samples")
+        self._warn_shortfall("test mAP", info["data"])
         return results

@@ -385,3 +385,46 @@ def test_data_and_usage_errors_have_their_exit_codes():
         return main
     assert run_cli(boom(DataError("x"))) == 1 and run_cli(boom(UsageError("x"))) == 2
     assert run_cli(boom(FileNotFoundError(2, "No such file", "/a/b"))) == 1
+
+
+# ------------------------------------------------------------------ skipped samples are counted end to end
+
+def with_one_corrupt_test_sample(shards: Path, dst: Path) -> Path:
+    """A copy of ``shards`` whose first test shard has one JPEG replaced by garbage (its manifest entry rewritten)."""
+    import tarfile
+
+    from shards.format import SampleLabels, ShardWriter, decode_labels, sample_key, write_json_atomic
+    out = Path(shutil.copytree(shards, dst))
+    manifest = json.loads((out / "manifest.json").read_text())
+    entry = manifest["splits"]["test"]["shards"][0]
+    tar = out / "test" / entry["name"]
+    with tarfile.open(tar) as t:
+        members = {m.name: t.extractfile(m).read() for m in t.getmembers() if m.isfile()}
+    keys = sorted({name.rsplit(".", 1)[0] for name in members})
+    writer = ShardWriter(tar)
+    for i, key in enumerate(keys):
+        labels: SampleLabels = decode_labels(members[f"{key}.lbl"])
+        assert sample_key("test", labels.sample_id) == key
+        jpeg = b"<html>not a jpeg</html>" if i == 0 else members[f"{key}.jpg"]
+        writer.write(key, jpeg, labels, manifest["classes"])
+    manifest["splits"]["test"]["shards"][0] = writer.close()
+    write_json_atomic(out / "manifest.json", manifest)
+    return out
+
+
+def test_a_corrupt_test_sample_is_counted_in_results_metrics_and_map_json(tiny_shards, tmp_path, capsys):
+    from bgtrain.evaluate import main as evaluate
+    from bgtrain.train import main as train
+    shards = with_one_corrupt_test_sample(tiny_shards, tmp_path / "shards")
+    out = tmp_path / "run"
+    assert run_cli(train, train_args(shards, out, "optim.epochs=1", "data.max_corrupt_fraction=0.5")) == 0
+    results = json.loads((out / "results.json").read_text())
+    assert results["data"] == {"samples": 10, "corrupt": 1, "padding": results["data"]["padding"]}
+    records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert [r["corrupt"] for r in records if r["kind"] == "data" and r["split"] == "train"] == [0]
+    assert [r["data"]["corrupt"] for r in records if r["kind"] == "test"] == [1]
+    assert "computed on 9 of 10 samples" in " ".join(capsys.readouterr().err.split())  # rich wraps lines
+    code, text = call(evaluate, ["--checkpoint", str(out / "checkpoints" / "best.pt"), "--shards", str(shards),
+                                 "--groups", "1", "--out", str(tmp_path / "eval")], capsys)
+    assert code == 0 and "scored 9 of 10 samples" in text
+    assert json.loads((tmp_path / "eval" / "map_test.json").read_text())["data"]["corrupt"] == 1
