@@ -142,6 +142,7 @@ def _engine_worker(rank: int, world: int, port: int, shards: str, out_dir: str, 
     from bgtrain.trainer import train_step
     try:
         cfg = load_config(SMOKE, [f"data.shards={shards}", f"engine.engine={engine_name}", "loss.scheme=ROLE",
+                                  "loss.expected_positives=2.0",
                                   "data.workers=0"])
         info, device = WorldInfo(rank, world), torch.device("cpu")
         loader = build_loader(cfg.data, "train", info, device, train=True, seed=0)
