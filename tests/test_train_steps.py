@@ -48,7 +48,7 @@ def _spy_worker(rank: int, world: int, port: int, shards: str, out_dir: str) -> 
     trainer = trainer_module.Trainer(cfg)
     trainer.epoch = 2  # the large-loss rule selects entries from epoch 2 on
     step = [0]
-    events: list[tuple[int, str, str]] = []
+    events: list[tuple[int, str, str, str]] = []
 
     def spied(kind: str, original, anywhere: bool):
         def call(*args, **kwargs):
@@ -56,7 +56,8 @@ def _spy_worker(rank: int, world: int, port: int, shards: str, out_dir: str) -> 
             # bgtrain's own reads count; the loader's reads of host-side tensors (before they move to the
             # device) do not. Every Python all_reduce counts, wherever it comes from.
             if anywhere or ("/bgtrain/" in where and "/bgtrain/data/" not in where):
-                events.append((step[0], kind, f"{where}:{sys._getframe(1).f_lineno}"))
+                caller = sys._getframe(1)
+                events.append((step[0], kind, f"{where}:{caller.f_lineno}", caller.f_code.co_name))
             return original(*args, **kwargs)
         return call
 
@@ -97,7 +98,10 @@ def test_no_host_sync_or_all_reduce_on_steps_that_do_not_log(smoke_shards, tmp_p
         during = [e for e in events if e[0] in quiet]
         assert during == [], f"rank {rank}: host syncs on non-logging steps: {during[:5]}"
     rank1 = json.loads((tmp_path / "events1.json").read_text())
-    assert not [e for e in rank1 if e[1] != "all_reduce" and e[0] in (3, 6)], "rank 1 read the loss"
+    # At logging steps rank 1 only takes part in agreeing on the stop flag; rank 0 alone reads the loss.
+    assert {e[3] for e in rank1 if e[0] in (3, 6)} == {"agreed"}
+    rank0 = json.loads((tmp_path / "events0.json").read_text())
+    assert {e[3] for e in rank0 if e[0] in (3, 6)} == {"agreed", "_train_epoch"}
 
 
 # ------------------------------------------------------------------------------------ empty and partial steps
@@ -138,6 +142,7 @@ def _engine_worker(rank: int, world: int, port: int, shards: str, out_dir: str, 
     from bgtrain.trainer import train_step
     try:
         cfg = load_config(SMOKE, [f"data.shards={shards}", f"engine.engine={engine_name}", "loss.scheme=ROLE",
+                                  "loss.expected_positives=2.0",
                                   "data.workers=0"])
         info, device = WorldInfo(rank, world), torch.device("cpu")
         loader = build_loader(cfg.data, "train", info, device, train=True, seed=0)
