@@ -129,17 +129,23 @@ class CheckpointSaver:
             return []
         return sorted(p for p in self.folder.iterdir() if _NAME.match(p.name))
 
+    def _recorded(self) -> list[str] | None:
+        """The names in ``history.json``, or None when the folder has none."""
+        path = self.folder / HISTORY
+        try:
+            return [str(n) for n in json.loads(path.read_text())["steps"]]
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{path}: not a checkpoint history ({e}); delete it to use step numbers") from None
+
     def history(self) -> list[str]:
         """Names of this run's step checkpoints, oldest first (all step files for a folder without history)."""
-        if self._history is None:
-            path = self.folder / HISTORY
-            try:
-                self._history = [str(n) for n in json.loads(path.read_text())["steps"]]
-            except FileNotFoundError:  # written by an older bgtrain: the step files are the history
-                self._history = [p.name for p in self.steps()]
-            except (ValueError, KeyError, TypeError) as e:
-                raise DataError(f"{path}: not a checkpoint history ({e}); delete it to use step numbers") from None
-        return self._history
+        if self._history is not None:
+            return self._history
+        recorded = self._recorded()
+        # Written by an older bgtrain: its step files are the run that `latest` continues.
+        return recorded if recorded is not None else [p.name for p in self.steps()]
 
     def latest(self) -> Path | None:
         """The newest checkpoint of this run that loads; the ones passed over go to :attr:`skipped`."""
@@ -161,7 +167,9 @@ class CheckpointSaver:
         atomic_save(state, path)
         if is_best:
             atomic_save(state, self.folder / "best.pt")
-        history = [n for n in self.history() if n != path.name] + [path.name]
+        # A fresh run starts its own history: step files it did not write (or resume from) are never pruned.
+        own = self._history if self._history is not None else (self._recorded() or [])
+        history = [n for n in own if n != path.name] + [path.name]
         for name in history[: -self.keep_last]:
             (self.folder / name).unlink(missing_ok=True)
         self._history = history[-self.keep_last:]

@@ -303,7 +303,7 @@ def test_mid_epoch_resume_with_another_world_or_batch_refuses_epoch_end_works(tr
         ckpt.prepare_resume(cfg, world_size=1)
     msg = str(e.value)
     assert "mid-epoch (epoch 2, batch 1)" in msg and "data.batch_size 8" in msg and "data.batch_size 4" in msg
-    assert f"end-of-epoch checkpoint {run / 'checkpoints' / 'step-000000002.pt'}" in msg
+    assert f"end-of-epoch checkpoint {run / 'checkpoints' / 'step-000000004.pt'}" in msg  # the newest one kept
     cfg = load_config(SMOKE, train_args(tiny_shards, run, f"checkpoint.resume={mid}")[2:])
     with pytest.raises(UsageError, match="world size 1; this run has world size 2"):
         ckpt.prepare_resume(cfg, world_size=2)
