@@ -176,6 +176,14 @@ class CheckpointConfig:
 
 
 @dataclass
+class LogConfig:
+    tensorboard: bool = setting(True, "TensorBoard event files under `out_dir/tb/` (rank 0): the metrics.jsonl "
+                                      "scalars, and CAM pictures at each epoch end")
+    cam_images: int = setting(4, "validation images whose CAM overlays go to TensorBoard at each epoch end "
+                                 "(0 = none)", low=0)
+
+
+@dataclass
 class EvalConfig:
     no_positive: Literal["zero", "skip"] = setting(
         "zero", "a class with known labels but no positive: `zero` (the reference, also on OpenImages: AP 0 kept in "
@@ -200,6 +208,7 @@ class TrainConfig:
     engine: EngineConfig = section(EngineConfig, "distributed engine and precision")
     checkpoint: CheckpointConfig = section(CheckpointConfig, "checkpoints and resume")
     eval: EvalConfig = section(EvalConfig, "validation, test and the mAP rules")
+    log: LogConfig = section(LogConfig, "what a run writes besides metrics.jsonl")
 
 
 def _describe(tp: Any) -> str:

@@ -25,6 +25,8 @@ from bgtrain.metrics import mean_ap
 from bgtrain.model import build_model
 from bgtrain.ops import active_implementation
 from bgtrain.predict import predict
+from bgtrain.report.cams import EpochCams
+from bgtrain.report.tensorboard import TensorBoardSink
 from bgtrain.runlog import RunLogger
 from shards.format import read_manifest
 
@@ -145,6 +147,7 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
         self.log = RunLogger(self.out_dir / "metrics.jsonl", world.is_main, world.rank).install()
+        self.epoch_cams: Optional[EpochCams] = None
         dtype = DTYPES[cfg.engine.precision] if device.type == "cuda" else torch.float32
         self.loader = build_loader(cfg.data, "train", world, device, train=True, seed=cfg.seed,
                                    channels_last=cfg.model.channels_last, dtype=dtype)
@@ -152,6 +155,10 @@ class Trainer:
         self.criterion = build_criterion(cfg.loss, self.loader.info.dataset, self.loader.info.num_samples,
                                          self.loader.num_classes, epochs=cfg.optim.epochs,
                                          lr=cfg.optim.lr * cfg.optim.head_lr_mult, seed=cfg.seed)
+        if world.is_main and cfg.log.tensorboard:
+            self.log.add_sink(TensorBoardSink(self.out_dir))
+            if cfg.log.cam_images:
+                self.epoch_cams = EpochCams(cfg, self.loader.num_classes, cfg.log.cam_images)
         self.saver = ckpt.CheckpointSaver(self.out_dir / "checkpoints", cfg.checkpoint.keep_last)
         self.log.message(f"world {world.world_size} on {device}, engine {self.engine.name}, precision "
                           f"{cfg.engine.precision}, BoostLU op: {active_implementation(device)}, alpha train/eval "
@@ -224,7 +231,7 @@ class Trainer:
             if logging_step:
                 self.log.record(kind="train", epoch=epoch, step=self.global_step, loss=self.last_loss,
                                 selected=int(out.selected.sum()) if out is not None and self.world.is_main else 0,
-                                corrections=criterion.corrections_kept(), data_s=round(data_s, 4),
+                                corrections=criterion.corrections_kept(), lr=cfg.optim.lr, data_s=round(data_s, 4),
                                 step_s=round(step_s, 4),
                                 img_s=round(batch.image.shape[0] * self.world.world_size / step_s, 1),
                                 **({} if out is not None else {"empty_step": True}))
@@ -262,6 +269,9 @@ class Trainer:
             self.best = {"val_map": val_map, "epoch": epoch}
         self.log.record(kind="val", epoch=epoch, step=self.global_step, val_map=val_map, **info)
         self._warn_shortfall(f"val mAP of epoch {epoch}", info.get("data", {}))
+        if self.epoch_cams is not None:  # rank 0 alone, no collective: the same pictures every epoch
+            for tag, picture in self.epoch_cams.render(self.engine.module, self.device):
+                self.log.image(tag, picture, self.global_step)
         self.log.message(f"epoch {epoch}: val mAP {val_map:.2f} "
                           f"(best {self.best['val_map']:.2f} at epoch {self.best['epoch']})")
         self.epoch, self.batches_done = epoch + 1, 0

@@ -17,6 +17,7 @@ class Engine(Protocol):
     precision and gradient accumulation; the trainer only calls these."""
 
     name: str
+    module: nn.Module  # the unwrapped model (no DDP / DeepSpeed / compile wrapper), e.g. for CAM pictures
 
     def step(self, images: torch.Tensor, loss_fn: Callable[[torch.Tensor], LossOutput]) -> LossOutput:
         """Forward, loss, backward, and an optimizer step at accumulation boundaries (collective)."""

@@ -12,7 +12,8 @@ import numpy as np
 import torch
 
 from bgtrain.config import TrainConfig
-from bgtrain.explain import Picture, class_names_for, pictures_from_shards, render_overlays
+from bgtrain.explain.common import class_names_for
+from bgtrain.explain.overlay import Picture, pictures_from_shards, render_overlays
 from bgtrain.model import CamResNet
 
 
