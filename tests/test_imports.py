@@ -14,12 +14,14 @@ def module_name(path: Path) -> str:
 
 
 def runtime_nodes(tree: ast.AST) -> list[ast.AST]:
-    """Every node that can run: all of them except the bodies of ``if TYPE_CHECKING:`` (annotations only)."""
+    """Every node that can run on import: all except the bodies of ``if TYPE_CHECKING:`` (annotations only) and of
+    ``if __name__ == "__main__":`` (it runs only in ``python -m``'s separate ``__main__`` module, never on import)."""
     out, todo = [], [tree]
     while todo:
         node = todo.pop()
         out.append(node)
-        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING",
+                                                                   "__name__ == '__main__'"):
             todo.extend(node.orelse)
             continue
         todo.extend(ast.iter_child_nodes(node))
