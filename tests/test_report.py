@@ -225,7 +225,7 @@ def test_report_says_what_is_missing_for_a_run_still_running(tiny, tmp_path, cap
     (running / "results.json").unlink()
     (running / "checkpoints" / "best.pt").unlink()
     lines = (running / "metrics.jsonl").read_text().splitlines()
-    first_epoch = [line for line in lines if json.loads(line).get("epoch") == 1 and '"train"' in line]
+    first_epoch = [line for line in lines if json.loads(line).get("epoch") == 1 and json.loads(line)["kind"] == "train"]
     (running / "metrics.jsonl").write_text("\n".join(first_epoch) + '\n{"kind": "train", "ep')   # mid-write
     empty = tmp_path / "empty"
     empty.mkdir()
