@@ -131,10 +131,10 @@ def check_shards(root: Path, world: WorldInfo, quick: bool = False) -> Check:
     if bad:
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
         return Check(world.rank, world.node, f"shards {root}", False,
-                     f"{len(bad)}/{len(entries)} tars bad: " + "; ".join(bad[:3]) + more)
+                     f"{len(bad)}/{len(entries)} tars unreadable: " + "; ".join(bad[:3]) + more)
     splits = ", ".join(f"{k}: {v.get('num_samples', '?')}" for k, v in manifest.get("splits", {}).items())
-    what = "open" if quick else "complete"
-    return Check(world.rank, world.node, f"shards {root}", True, f"{len(entries)} tars {what} ({splits})")
+    what = "" if quick else ", sizes and sample counts as in the manifest"
+    return Check(world.rank, world.node, f"shards {root}", True, f"{len(entries)} tars readable{what} ({splits})")
 
 
 def check_disk(folder: Path, min_free_gb: float, world: WorldInfo) -> Check:
