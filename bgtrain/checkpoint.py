@@ -382,7 +382,8 @@ def config_from_checkpoint(state: dict):
     dropped: list[str] = []
     tree = _known_keys(TrainConfig, state["config"], "", dropped)
     if dropped:
-        warnings.warn(f"checkpoint config keys unknown to this bgtrain, ignored: {', '.join(dropped)}")
+        warnings.warn(f"checkpoint config keys unknown to this bgtrain, ignored: {', '.join(dropped)}",
+                      stacklevel=2)
     return _build(TrainConfig, tree, "")
 
 

@@ -14,7 +14,7 @@ import sys
 import tarfile
 import traceback
 import zipfile
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 DEBUG_ENV = "BGTRAIN_DEBUG"
 

@@ -8,8 +8,8 @@ import re
 import socket
 import subprocess
 import threading
+from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Mapping
 
 import torch
 import torch.distributed as dist

@@ -16,15 +16,24 @@ import argparse
 import json
 import math
 import sys
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
 import torch.distributed as dist
 
-from bgtrain.metrics import (NO_POSITIVE_RULES, APResult, NoPositiveRule, ap_with_counts, as_matrix,
-                             average_precision, class_groups, group_map, mean_ap)
+from bgtrain.metrics import (
+    NO_POSITIVE_RULES,
+    APResult,
+    NoPositiveRule,
+    ap_with_counts,
+    as_matrix,
+    average_precision,
+    class_groups,
+    group_map,
+    mean_ap,
+)
 
 __all__ = ["average_precision", "ap_with_counts", "mean_ap", "class_groups", "group_map", "class_blocks",
            "sharded_average_precision", "sharded_ap_with_counts", "report", "print_report", "write_report"]

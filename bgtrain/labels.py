@@ -5,7 +5,7 @@ matrix does not fit, so samples carry id lists and dense rows are built per batc
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

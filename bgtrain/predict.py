@@ -1,7 +1,7 @@
 """Scores of a model on one rank's share of a split (padding and corrupt samples dropped)."""
 from __future__ import annotations
 
-from typing import Callable, Iterable
+from collections.abc import Callable, Iterable
 
 import torch
 

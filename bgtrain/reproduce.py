@@ -37,8 +37,8 @@ def row_config(dataset: str, row: str) -> Path:
 
 def run_local(config: Path, overrides: list[str], nproc: int, log_path: Path) -> int:
     """One row under torchrun on this machine; output goes to the row's log file."""
-    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}", "--max-restarts=2",
-           "-m", "bgtrain.train", "--config", str(config), *overrides]
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}",
+           "--max-restarts=2", "-m", "bgtrain.train", "--config", str(config), *overrides]
     with open(log_path, "w") as log:
         return subprocess.call(cmd, stdout=log, stderr=subprocess.STDOUT)
 

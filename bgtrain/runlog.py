@@ -12,7 +12,7 @@ import json
 import logging
 import warnings
 from pathlib import Path
-from typing import Any, Optional, Protocol
+from typing import Any, Protocol
 
 import numpy as np
 from rich.console import Console
@@ -40,7 +40,7 @@ class MetricsSink(Protocol):
 class _ToRunLogger(logging.Handler):
     """Records of the ``bgtrain`` logger, shown by a RunLogger."""
 
-    def __init__(self, run_log: "RunLogger") -> None:
+    def __init__(self, run_log: RunLogger) -> None:
         super().__init__(logging.INFO)
         self.run_log = run_log
 
@@ -58,13 +58,13 @@ class RunLogger:
     ``metrics_path`` None keeps no metrics file (a command that only shows progress).
     """
 
-    def __init__(self, metrics_path: Optional[Path], enabled: bool = True, rank: int = 0,
-                 console: Optional[Console] = None) -> None:
+    def __init__(self, metrics_path: Path | None, enabled: bool = True, rank: int = 0,
+                 console: Console | None = None) -> None:
         self.metrics_path, self.enabled, self.rank = metrics_path, enabled, rank
         self.console = console or Console(stderr=True)
         self.sinks: list[MetricsSink] = []
-        self._progress: Optional[Progress] = None
-        self._installed: Optional[tuple[Any, _ToRunLogger, bool, int]] = None
+        self._progress: Progress | None = None
+        self._installed: tuple[Any, _ToRunLogger, bool, int] | None = None
         if enabled:
             self._progress = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(),
                                       TimeRemainingColumn(), TextColumn("{task.fields[info]}"),
@@ -107,24 +107,24 @@ class RunLogger:
         prefix = "" if self.rank == 0 else f"rank {self.rank}: "
         self.console.log(f"[yellow]warning:[/yellow] {prefix}{text}", markup=True, highlight=False)
 
-    def start(self, description: str, total: int, completed: int = 0) -> Optional[TaskID]:
+    def start(self, description: str, total: int, completed: int = 0) -> TaskID | None:
         """A new progress bar; None on ranks that show none."""
         if self._progress is None:
             return None
         return self._progress.add_task(description, total=total, completed=completed, info="")
 
-    def advance(self, task: Optional[TaskID], info: str = "") -> None:
+    def advance(self, task: TaskID | None, info: str = "") -> None:
         """One step of a bar, with a host-side text (callers must not read the device for it)."""
         if self._progress is not None and task is not None:
             self._progress.update(task, advance=1, info=info)
 
-    def finish(self, task: Optional[TaskID]) -> None:
+    def finish(self, task: TaskID | None) -> None:
         """Stop a bar's clock; it stays on screen."""
         if self._progress is not None and task is not None:
             self._progress.stop_task(task)
 
     # ------------------------------------------------------------------ life cycle
-    def install(self) -> "RunLogger":
+    def install(self) -> RunLogger:
         """Route Python warnings and the ``bgtrain`` logger here until :meth:`close`."""
         if self._installed is None:
             handler = _ToRunLogger(self)
@@ -158,7 +158,7 @@ class RunLogger:
             log.propagate, log.level = propagate, level
             self._installed = None
 
-    def __enter__(self) -> "RunLogger":
+    def __enter__(self) -> RunLogger:
         return self.install()
 
     def __exit__(self, *exc: object) -> None:

@@ -17,7 +17,7 @@ if TYPE_CHECKING:
     from bgtrain.config import TrainConfig
 
 
-def run(cfg: "TrainConfig") -> dict:
+def run(cfg: TrainConfig) -> dict:
     """Train, select the best epoch on validation, evaluate it on test; returns the final results."""
     from bgtrain.trainer import Trainer
     return Trainer(cfg).fit()

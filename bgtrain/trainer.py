@@ -7,7 +7,6 @@ import random
 import signal
 import time
 from pathlib import Path
-from typing import Optional
 
 import numpy as np
 import torch
@@ -18,8 +17,8 @@ from bgtrain.config import TrainConfig, save_config, to_dict
 from bgtrain.data import Batch, build_loader
 from bgtrain.distributed import WorldInfo, broadcast_object, init_distributed, restart_count, sum_over_ranks
 from bgtrain.engines import DTYPES, build_engine
-from bgtrain.evaluate import report, sharded_ap_with_counts
 from bgtrain.engines.base import Engine
+from bgtrain.evaluate import report, sharded_ap_with_counts
 from bgtrain.losses import Criterion, LossOutput, build_criterion
 from bgtrain.metrics import mean_ap
 from bgtrain.model import build_model
@@ -53,7 +52,7 @@ class StopRequested:
         return bool(t.item())
 
 
-def train_step(engine: Engine, criterion: Criterion, batch: Batch, epoch: int) -> Optional[LossOutput]:
+def train_step(engine: Engine, criterion: Criterion, batch: Batch, epoch: int) -> LossOutput | None:
     """One training step on this rank's valid rows; None, and nothing changes, when no rank has data.
 
     A step without data anywhere (``batch.step_has_data`` is False, the same on every rank) is skipped by every
@@ -147,7 +146,7 @@ class Trainer:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
         self.log = RunLogger(self.out_dir / "metrics.jsonl", world.is_main, world.rank).install()
-        self.epoch_cams: Optional[EpochCams] = None
+        self.epoch_cams: EpochCams | None = None
         dtype = DTYPES[cfg.engine.precision] if device.type == "cuda" else torch.float32
         self.loader = build_loader(cfg.data, "train", world, device, train=True, seed=cfg.seed,
                                    channels_last=cfg.model.channels_last, dtype=dtype)
@@ -165,7 +164,7 @@ class Trainer:
                           f"{cfg.model.alpha_train}/{cfg.model.alpha_eval}")
         self.epoch, self.batches_done, self.global_step = 1, 0, 0
         self.best = {"val_map": -1.0, "epoch": 0}
-        self.last_loss: Optional[float] = None  # rank 0's loss at the last logging step, for the progress bar
+        self.last_loss: float | None = None  # rank 0's loss at the last logging step, for the progress bar
         self._resume()
 
     def _resume(self) -> None:

@@ -28,8 +28,16 @@ from pathlib import Path
 
 from rich.console import Console
 
-from cluster.slurm_config import (DEFAULT_DIR, ClusterError, ClusterSpec, hosts_add, hosts_remove, load_spec,
-                                  slurm_conf, slurm_env)
+from cluster.slurm_config import (
+    DEFAULT_DIR,
+    ClusterError,
+    ClusterSpec,
+    hosts_add,
+    hosts_remove,
+    load_spec,
+    slurm_conf,
+    slurm_env,
+)
 
 console = Console(stderr=True)  # messages on stderr, so `eval "$(... up)"` only sees export lines
 

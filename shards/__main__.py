@@ -12,7 +12,8 @@ from shards.readers import DATASETS
 
 EXAMPLES = """examples:
   python -m shards build voc --src data/raw/voc --out data/shards/voc --workers 8
-  python -m shards build openimages --src data/raw/oi --images /scratch/oi/images --out data/shards/oi --part 3 --parts 64
+  python -m shards build openimages --src data/raw/oi --images /scratch/oi/images --out data/shards/oi \\
+      --part 3 --parts 64
   python -m shards merge data/shards/oi --workers 8
   python -m shards verify data/shards/voc
   python -m shards stats data/shards/voc

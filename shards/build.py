@@ -12,9 +12,9 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
+from collections.abc import Iterator
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 from rich.console import Console

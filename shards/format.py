@@ -26,9 +26,9 @@ import io
 import json
 import os
 import tarfile
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 
@@ -337,7 +337,7 @@ def _check_manifest(manifest: dict, root: Path, path: Path) -> None:
                 value = shard.get(key, 0 if key == "bytes" else None)
                 if not isinstance(value, int) or isinstance(value, bool) or value < 0:
                     raise ShardError(f"{where}.shards[{i}].{key}: expected a count >= 0, got {value!r}")
-    for name, rel in (manifest.get("index") or {}).items():
+    for rel in (manifest.get("index") or {}).values():
         path_inside(root, str(rel), path)
 
 

@@ -1,7 +1,7 @@
 """Manifest helpers shared by every builder: annotation counts and the manifest document."""
 from __future__ import annotations
 
-from typing import Iterable, Sequence
+from collections.abc import Iterable, Sequence
 
 import numpy as np
 

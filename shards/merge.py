@@ -12,8 +12,15 @@ import tarfile
 from pathlib import Path
 
 from shards.build import _write_text, progress_bar
-from shards.format import ShardWriter, decode_labels, read_manifest, sample_key, shard_name, write_json_atomic
-from shards.format import SampleLabels
+from shards.format import (
+    SampleLabels,
+    ShardWriter,
+    decode_labels,
+    read_manifest,
+    sample_key,
+    shard_name,
+    write_json_atomic,
+)
 from shards.manifest import make_manifest
 
 

@@ -109,9 +109,10 @@ def test_non_utf8_csv_names_the_file_and_line(tmp_path, capsys):
 
 
 def test_metrics_count_known_negatives_and_name_classes_without_one():
+    from sklearn.metrics import average_precision_score
+
     from bgtrain.evaluate import report
     from bgtrain.metrics import ap_with_counts
-    from sklearn.metrics import average_precision_score
     labels = torch.tensor([[1, 1, 0], [0, 1, -1], [1, 1, 0], [-1, 1, 1]], dtype=torch.int8)
     scores = torch.tensor([[0.9, 0.1, 0.3], [0.2, 0.8, 0.5], [0.4, 0.3, 0.2], [0.7, 0.6, 0.9]])
     res = ap_with_counts(scores, labels)

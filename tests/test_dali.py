@@ -14,12 +14,12 @@ import tarfile
 import numpy as np
 import pytest
 import torch
+from test_data import CPU, data_cfg, epoch_ids
 
 from bgtrain.data import build_loader
 from bgtrain.data.common import IMAGENET_STD
 from bgtrain.distributed import WorldInfo
 from shards.format import decode_label_rows, decode_labels
-from test_data import CPU, data_cfg, epoch_ids
 
 pytest.importorskip("nvidia.dali", reason="nvidia-dali is not installed (requirements.txt)")
 
@@ -200,8 +200,9 @@ def test_dali_batches_put_valid_rows_first_and_count_padding(smoke_shards):
 
 
 def test_dali_failure_names_the_shard_and_sample(tmp_path, smoke_shards):
-    from shards.format import ShardError
     from test_data import _shard_with_a_bad_sample
+
+    from shards.format import ShardError
     tar = _shard_with_a_bad_sample(tmp_path, smoke_shards, n=40, bad=21)
     loader = build_loader(dali_cfg(tmp_path, batch_size=4), "train", WorldInfo(), CPU, train=True, seed=0)
     with pytest.raises(ShardError) as err:

@@ -263,6 +263,7 @@ def check_plan(plan, sizes: tuple[int, ...]) -> None:
 ])
 def test_plan_runs_the_ideal_steps_per_epoch_at_cluster_scale(name, sizes, world, workers, batch):
     import math
+
     from bgtrain.data.plan import plan_sizes
     plan = plan_sizes(sizes, seed=0, epoch=3, world=world, workers=workers, batch_size=batch, shuffle=True)
     check_plan(plan, sizes)
@@ -273,6 +274,7 @@ def test_plan_coverage_equals_a_brute_force_enumeration():
     """Every small case: each rank reads exactly its DALI-style range of the shuffled sequence, once."""
     import itertools
     import math
+
     from bgtrain.data.plan import plan_sizes
     for sizes in [(1,), (3,), (7, 2), (5, 5, 5), (1, 1, 1, 1, 9), (13, 4, 0, 6)]:
         for world, workers, batch in itertools.product((1, 2, 3, 4), (0, 1, 2, 3), (1, 2, 3, 5)):
@@ -310,8 +312,8 @@ def test_plan_cli_works_from_the_manifest_alone(tmp_path):
     cmd = [sys.executable, "-m", "bgtrain.data", "plan", "--shards", str(tmp_path), "--world", "8", "--workers", "8",
            "--batch-size", "2"]
     out = json.loads(subprocess.run(cmd + ["--json"], capture_output=True, text=True, check=True).stdout)
-    assert out == {"steps_per_epoch": 4105, "ideal_steps": 4105, "overhead": 1.0, "padded_samples": 8 * 4105 * 2 - 65665,
-                   "samples": 65665}
+    assert out == {"steps_per_epoch": 4105, "ideal_steps": 4105, "overhead": 1.0,
+                   "padded_samples": 8 * 4105 * 2 - 65665, "samples": 65665}
     table = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
     assert "steps per epoch" in table and "4,105" in table
     help_text = subprocess.run([sys.executable, "-m", "bgtrain.data", "plan", "--help"], capture_output=True,
@@ -407,6 +409,7 @@ def _copy_shards(src, dst):
 @pytest.mark.parametrize("recorded", [True, False])
 def test_a_truncated_tar_is_refused_before_reading(tmp_path, smoke_shards, recorded):
     import json
+
     from shards.format import ShardError
     root = _copy_shards(smoke_shards, tmp_path / "copy")
     manifest = json.loads((root / "manifest.json").read_text())
@@ -432,6 +435,7 @@ def test_manifest_records_tar_sizes(smoke_shards):
 @pytest.mark.parametrize("name", ["../../outside.tar", "../../../etc/passwd", "/etc/passwd", "sub/../../x.tar"])
 def test_a_manifest_path_outside_the_shard_folder_is_refused(tmp_path, smoke_shards, name):
     import json
+
     from shards.format import ShardError, read_manifest
     root = _copy_shards(smoke_shards, tmp_path / "copy")
     manifest = json.loads((root / "manifest.json").read_text())

@@ -1,7 +1,6 @@
 """Class-sharded AP over 1, 2 and 3 gloo ranks is bit-identical to the single-process result."""
 from __future__ import annotations
 
-
 import os
 import socket
 
@@ -66,7 +65,8 @@ def test_class_blocks_are_contiguous_and_uneven():
     assert class_blocks(2, 3) == [(0, 1), (1, 2), (2, 2)]
 
 
-@pytest.mark.flaky(reruns=2, reason="gloo's loopback connect occasionally stalls in this sandbox; the retry starts fresh processes")
+@pytest.mark.flaky(reruns=2, reason="gloo's loopback connect occasionally stalls in this sandbox; "
+                                    "the retry starts fresh processes")
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("world", [1, 2, 3])
 @pytest.mark.distributed

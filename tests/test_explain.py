@@ -17,8 +17,8 @@ from PIL import Image
 
 from bgtrain.checkpoint import load_model_for_eval
 from bgtrain.explain.__main__ import main
-from bgtrain.explain.overlay import choose_classes, jet
 from bgtrain.explain.gap import average_ranks, pair_statistics, spearman_rows, summarise, tail_count, tail_means
+from bgtrain.explain.overlay import choose_classes, jet
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
@@ -200,8 +200,8 @@ def test_gap_of_a_model_with_itself_is_perfect_agreement(tiny) -> None:
 
 
 def test_checkpoint_config_from_an_older_bgtrain_loads_with_a_warning() -> None:
-    from bgtrain.config import TrainConfig, to_dict
     from bgtrain.checkpoint import config_from_checkpoint
+    from bgtrain.config import TrainConfig, to_dict
     tree = to_dict(TrainConfig())
     tree["loss"]["retired_setting"] = 1.0                            # a key a later config.py dropped
     tree["model"]["alpha_eval"] = 3.0

@@ -5,7 +5,6 @@ Every reference here is written out from the published procedure, not taken from
 """
 from __future__ import annotations
 
-
 import os
 import socket
 
@@ -17,7 +16,6 @@ import torch.multiprocessing as mp
 
 from bgtrain.labels import CorrectionStore, dense_rows, keep_fraction, single_positive, split_train_val
 from tests.conftest import join_gloo_group
-
 
 # --- COLE's procedure, written out (elijahcole/single-positive-multi-label, preproc/generate_observed_labels.py) ---
 
@@ -241,7 +239,8 @@ def _two_rank_worker(rank: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.flaky(reruns=2, reason="gloo's loopback connect occasionally stalls in this sandbox; the retry starts fresh processes")
+@pytest.mark.flaky(reruns=2, reason="gloo's loopback connect occasionally stalls in this sandbox; "
+                                    "the retry starts fresh processes")
 @pytest.mark.distributed
 def test_correction_store_reaches_every_rank_and_checkpoint_keeps_all(tmp_path) -> None:
     mp.spawn(_two_rank_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)

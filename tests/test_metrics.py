@@ -10,8 +10,7 @@ import pytest
 import torch
 from sklearn.metrics import average_precision_score
 
-from bgtrain.evaluate import (average_precision, class_groups, group_map, mean_ap, print_report, report,
-                              write_report)
+from bgtrain.evaluate import average_precision, class_groups, group_map, mean_ap, print_report, report, write_report
 from bgtrain.metrics import AP_KERNEL_ENV, ap_with_counts
 
 

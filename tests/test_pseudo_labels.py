@@ -2,7 +2,6 @@
 checkpoint round trips, and one short training run per scheme."""
 from __future__ import annotations
 
-
 import json
 import math
 import os
@@ -308,7 +307,8 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
         dist.destroy_process_group()
 
 
-@pytest.mark.flaky(reruns=2, reason="gloo's loopback connect occasionally stalls in this sandbox; the retry starts fresh processes")
+@pytest.mark.flaky(reruns=2, reason="gloo's loopback connect occasionally stalls in this sandbox; "
+                                    "the retry starts fresh processes")
 @pytest.mark.timeout(120)
 @pytest.mark.distributed
 def test_two_gloo_ranks_agree_with_one_process(tmp_path):

@@ -149,7 +149,7 @@ def test_epoch_cam_images_show_each_validation_image_with_its_classes(tiny, tmp_
     cams = EpochCams(cfg, model.num_classes, count=3)
     sheets = cams.render(model, torch.device("cpu"))
     assert [tag for tag, _ in sheets] == [f"cams/{p.name}" for p in cams.pictures] and len(sheets) == 3
-    for (tag, image), picture in zip(sheets, cams.pictures):
+    for (_, image), picture in zip(sheets, cams.pictures):
         shown = min(3, int((picture.labels == 1).sum())) or 1      # its positives (at most 3), else the top class
         assert image.dtype == np.uint8 and image.shape == (64, 64 * (1 + shown), 3)
     sink = TensorBoardSink(tmp_path)

@@ -54,7 +54,7 @@ def test_other_ranks_write_nothing_but_show_their_warnings(tmp_path):
     log.message("hello")
     assert log.start("epoch 1", total=4) is None
     with log:
-        warnings.warn("disk almost full")
+        warnings.warn("disk almost full", stacklevel=1)
     assert not (tmp_path / "metrics.jsonl").exists() and sink.records == []
     assert "hello" not in out.getvalue()
     assert "rank 3: UserWarning: disk almost full" in out.getvalue()
@@ -64,7 +64,7 @@ def test_warnings_and_the_bgtrain_logger_are_routed_while_installed_and_given_ba
     out = io.StringIO()
     before = warnings.showwarning
     with RunLogger(None, console=Console(file=out, width=200)):
-        warnings.warn("an extension is missing", RuntimeWarning)
+        warnings.warn("an extension is missing", RuntimeWarning, stacklevel=1)
         logging.getLogger("bgtrain.data").warning("skipping corrupt sample %s", "k1")
         logging.getLogger("bgtrain.metrics").info("building the kernel")
     text = out.getvalue()

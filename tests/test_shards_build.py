@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
+from test_shards_readers import HTML, jpeg_bytes, make_coco, make_csv, make_cub, make_nuswide, make_openimages, make_voc
 
 from shards.build import BuildOptions, build
 from shards.format import decode_labels, read_manifest, sha256_file
@@ -21,8 +22,6 @@ from shards.images import Rejected, prepare
 from shards.merge import merge, read_samples
 from shards.readers import get_reader
 from shards.verify import verify
-from test_shards_readers import (HTML, jpeg_bytes, make_coco, make_csv, make_cub, make_nuswide, make_openimages,
-                                 make_voc)
 
 ROOT = Path(__file__).resolve().parents[1]
 PY = sys.executable

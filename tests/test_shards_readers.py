@@ -14,7 +14,6 @@ from bgtrain.labels import single_positive, split_train_val
 from shards.readers import get_reader
 from shards.readers.voc import CLASSES as VOC_CLASSES
 
-
 # ---------------------------------------------------------------- image makers (shared with test_shards_build)
 
 def jpeg_bytes(seed: int, size: tuple[int, int] = (40, 30), mode: str = "RGB", exif_orientation: int = 1) -> bytes:

@@ -121,7 +121,8 @@ def test_config_error_fails_before_any_process_group(tmp_path):
 
 def test_evaluate_cli_on_two_ranks_reproduces_the_trainings_test_map(smoke_shards, uninterrupted, tmp_path):
     proc = run([sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2",
-                "--max-restarts=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}", "-m", "bgtrain.evaluate",
+                "--max-restarts=2", "--rdzv-backend=c10d", f"--rdzv-endpoint=127.0.0.1:{free_port()}",
+                "-m", "bgtrain.evaluate",
                 "--checkpoint", str(uninterrupted / "checkpoints" / "best.pt"), "--shards", str(smoke_shards),
                 "--groups", "2", "--timeout", "60", "--out", str(tmp_path)])
     assert proc.returncode == 0, proc.stderr[-3000:]

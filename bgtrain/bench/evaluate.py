@@ -16,7 +16,7 @@ import os
 import platform
 import time
 import warnings
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

@@ -40,9 +40,9 @@ import sys
 import tempfile
 import time
 import warnings
+from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import Callable, Iterator, Sequence
 
 import torch
 
@@ -50,6 +50,7 @@ from bgtrain.bench.loader import endless
 from bgtrain.config import DataConfig, EngineConfig, ModelConfig, TrainConfig
 from bgtrain.data import Batch, build_loader
 from bgtrain.distributed import WorldInfo
+
 # The step's parts come from the project's factories only (the lead adjusts these two lines when engine.py and
 # losses.py become packages).
 from bgtrain.engines import DTYPES, build_engine

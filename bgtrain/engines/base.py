@@ -1,7 +1,8 @@
 """What every training engine provides, and what the engines share (precisions, optimizer, TF32)."""
 from __future__ import annotations
 
-from typing import Callable, Protocol
+from collections.abc import Callable
+from typing import Protocol
 
 import torch
 from torch import nn

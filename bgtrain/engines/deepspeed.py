@@ -14,7 +14,7 @@
 """
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import torch
 import torch.distributed as dist
@@ -51,7 +51,8 @@ class DeepSpeedEngine:
     def __init__(self, cfg: TrainConfig, model: nn.Module, world: WorldInfo, device: torch.device) -> None:
         import deepspeed
         if not dist.is_initialized():  # DeepSpeed insists on a process group even for one process
-            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
+            deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo",
+                                       auto_mpi_discovery=False)
         self.cfg, self.world, self.device = cfg, world, device
         apply_tf32(cfg, device)
         # ZeRO flattens parameters into contiguous buffers and its broadcast views them as bytes, so

@@ -21,8 +21,8 @@ import csv
 import dataclasses
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
-from typing import Sequence
 
 import numpy as np
 import torch
@@ -140,7 +140,7 @@ def draw_histogram(series: dict[str, np.ndarray], title: str, xlabel: str, path:
     draw.line((left, upper, left, upper + plot_h, left + plot_w, upper + plot_h), fill="black")
     slot = plot_w / bins
     bar = slot / max(1, len(counts))
-    for s, (name, c) in enumerate(counts.items()):
+    for s, c in enumerate(counts.values()):
         for i, n in enumerate(c):
             if n:
                 x0 = left + i * slot + s * bar

@@ -12,8 +12,17 @@ from bgtrain.losses.criterion import Criterion, LargeLossCriterion, LossFunction
 from bgtrain.losses.defaults import EXPECTED_POSITIVES, LARGE_LOSS_DEFAULT_DELTA, em_apl_params
 from bgtrain.losses.em_apl import EmAplCriterion, SoftNegativeStore, em_apl_loss
 from bgtrain.losses.factory import build_criterion, build_stateful_criterion
-from bgtrain.losses.functional import (LossOutput, asymmetric_loss, bce, entropy_from_logits, entropy_maximisation,
-                                       expected_positive_regulariser, label_smoothing, mean_over_entries, valid_rows)
+from bgtrain.losses.functional import (
+                                       LossOutput,
+                                       asymmetric_loss,
+                                       bce,
+                                       entropy_from_logits,
+                                       entropy_maximisation,
+                                       expected_positive_regulariser,
+                                       label_smoothing,
+                                       mean_over_entries,
+                                       valid_rows,
+)
 from bgtrain.losses.large_loss import large_loss, large_loss_k, large_loss_output, select_large_losses
 from bgtrain.losses.role import RoleCriterion, role_loss
 

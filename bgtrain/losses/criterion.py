@@ -11,7 +11,7 @@ and has hooks that the trainer calls on every rank, each a no-op unless a criter
 """
 from __future__ import annotations
 
-from typing import Callable, Optional
+from collections.abc import Callable
 
 import torch
 
@@ -27,15 +27,15 @@ ScoreTrain = Callable[[], tuple]
 class Criterion:
     """Base class of every training criterion: ``__call__`` plus hooks that do nothing by default."""
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, epoch: int, valid: Optional[torch.Tensor] = None,
-                 sample_ids: Optional[torch.Tensor] = None) -> LossOutput:
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, epoch: int, valid: torch.Tensor | None = None,
+                 sample_ids: torch.Tensor | None = None) -> LossOutput:
         raise NotImplementedError
 
     def prepare_labels(self, labels: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
         """The training labels of a batch (collective for criteria that keep label state)."""
         return labels
 
-    def after_step(self, out: Optional[LossOutput] = None, sample_ids: Optional[torch.Tensor] = None) -> None:
+    def after_step(self, out: LossOutput | None = None, sample_ids: torch.Tensor | None = None) -> None:
         """Called after each optimizer step with that step's output (may be collective)."""
 
     def end_epoch(self, epoch: int, score_train: ScoreTrain) -> None:
@@ -59,27 +59,27 @@ class LossFunction(Criterion):
     def __init__(self, fn: Callable[..., torch.Tensor]) -> None:
         self.fn = fn
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, epoch: int, valid: Optional[torch.Tensor] = None,
-                 sample_ids: Optional[torch.Tensor] = None) -> LossOutput:
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, epoch: int, valid: torch.Tensor | None = None,
+                 sample_ids: torch.Tensor | None = None) -> LossOutput:
         return LossOutput(self.fn(logits, labels, valid=valid), torch.zeros_like(labels, dtype=torch.bool))
 
 
 class LargeLossCriterion(Criterion):
     """Full, AN, LL-R, LL-Ct, and LL-Cp; LL-Cp also owns the :class:`CorrectionStore` of its corrections."""
 
-    def __init__(self, scheme: str, delta_rel: Optional[float], num_classes: int = 0) -> None:
+    def __init__(self, scheme: str, delta_rel: float | None, num_classes: int = 0) -> None:
         self.scheme, self.delta_rel = scheme, delta_rel
         self.store = CorrectionStore(num_classes, *rank_and_world()) if scheme == "LL-Cp" else None
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, epoch: int, valid: Optional[torch.Tensor] = None,
-                 sample_ids: Optional[torch.Tensor] = None) -> LossOutput:
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, epoch: int, valid: torch.Tensor | None = None,
+                 sample_ids: torch.Tensor | None = None) -> LossOutput:
         return large_loss_output(logits, labels, self.scheme, epoch, self.delta_rel, valid)
 
     def prepare_labels(self, labels: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
         """LL-Cp: the labels with every stored correction set to 1 (collective: asks the owners)."""
         return self.store.apply(labels, sample_ids) if self.store is not None else labels
 
-    def after_step(self, out: Optional[LossOutput] = None, sample_ids: Optional[torch.Tensor] = None) -> None:
+    def after_step(self, out: LossOutput | None = None, sample_ids: torch.Tensor | None = None) -> None:
         """LL-Cp: keep this step's corrections (collective); they exclude padded rows by construction."""
         if self.store is not None and out is not None and out.corrections is not None and sample_ids is not None:
             self.store.record(sample_ids, out.corrections)

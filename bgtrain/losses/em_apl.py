@@ -16,8 +16,6 @@ only for saturated scores.
 """
 from __future__ import annotations
 
-from typing import Optional
-
 import torch
 import torch.distributed as dist
 
@@ -30,8 +28,8 @@ NO_TARGET = -1.0          # a soft-negative table entry that was not pseudo-labe
 KEY_BITS = 62             # (float32 bits of a score in [0, 1]) << 32 | sample id stays below 2**62
 
 
-def em_apl_loss(logits: torch.Tensor, labels: torch.Tensor, soft: Optional[torch.Tensor], alpha: float,
-                beta: float, valid: Optional[torch.Tensor] = None) -> tuple[torch.Tensor, torch.Tensor]:
+def em_apl_loss(logits: torch.Tensor, labels: torch.Tensor, soft: torch.Tensor | None, alpha: float,
+                beta: float, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """EM+APL (``loss_EM_APL``): -log p on positives, BCE to 0 on known negatives, beta * BCE(p, s) on
     pseudo-labelled unknowns (soft target s >= 0), -alpha * H(p) on the other unknowns; mean over B*C.
 
@@ -170,8 +168,8 @@ class EmAplCriterion(Criterion):
         self.store = SoftNegativeStore(num_samples, num_classes, *rank_and_world())
         self.last_pass = 0
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, epoch: int, valid: Optional[torch.Tensor] = None,
-                 sample_ids: Optional[torch.Tensor] = None) -> LossOutput:
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, epoch: int, valid: torch.Tensor | None = None,
+                 sample_ids: torch.Tensor | None = None) -> LossOutput:
         soft = None
         if self.store.active:
             if sample_ids is None:

@@ -3,11 +3,14 @@ from __future__ import annotations
 
 from bgtrain.config import LossConfig
 from bgtrain.losses.criterion import Criterion, LargeLossCriterion, LossFunction
-from bgtrain.losses.defaults import (LARGE_LOSS_DEFAULT_DELTA, PAPER_EPOCHS, ROLE_LR, em_apl_params,
-                                     expected_positives)
+from bgtrain.losses.defaults import LARGE_LOSS_DEFAULT_DELTA, PAPER_EPOCHS, ROLE_LR, em_apl_params, expected_positives
 from bgtrain.losses.em_apl import EmAplCriterion
-from bgtrain.losses.functional import (asymmetric_loss, entropy_maximisation, expected_positive_regulariser,
-                                       label_smoothing)
+from bgtrain.losses.functional import (
+    asymmetric_loss,
+    entropy_maximisation,
+    expected_positive_regulariser,
+    label_smoothing,
+)
 from bgtrain.losses.role import GIB, RoleCriterion, role_memory_gib
 
 

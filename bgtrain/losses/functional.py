@@ -8,7 +8,6 @@ when the logits are float64 (half-precision logits are upcast, float64 ones are 
 from __future__ import annotations
 
 from dataclasses import dataclass
-from typing import Optional
 
 import torch
 import torch.nn.functional as F
@@ -20,7 +19,7 @@ class LossOutput:
 
     loss: torch.Tensor
     selected: torch.Tensor                      # (B, C) bool: entries rejected or corrected this step
-    corrections: Optional[torch.Tensor] = None  # (B, C) bool: labels that become 1 permanently (LL-Cp)
+    corrections: torch.Tensor | None = None  # (B, C) bool: labels that become 1 permanently (LL-Cp)
 
 
 def loss_dtype(x: torch.Tensor) -> torch.dtype:
@@ -33,7 +32,7 @@ def upcast(x: torch.Tensor) -> torch.Tensor:
     return x.to(loss_dtype(x))
 
 
-def valid_rows(valid: Optional[torch.Tensor], n: int, device: torch.device) -> torch.Tensor:
+def valid_rows(valid: torch.Tensor | None, n: int, device: torch.device) -> torch.Tensor:
     """(n,) bool mask of the rows that count; all of them when ``valid`` is None."""
     return torch.ones(n, dtype=torch.bool, device=device) if valid is None else valid.to(device, torch.bool)
 

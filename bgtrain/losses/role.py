@@ -21,14 +21,12 @@ only for saturated scores.
 from __future__ import annotations
 
 import math
-from typing import Optional
 
 import torch
 
 from bgtrain.distributed import all_gather_rows, rank_and_world
 from bgtrain.losses.criterion import Criterion
-from bgtrain.losses.defaults import (ROLE_ADAM_COPIES, ROLE_INIT_NEGATIVE, ROLE_INIT_POSITIVE, ROLE_INIT_UNKNOWN,
-                                     ROLE_LR)
+from bgtrain.losses.defaults import ROLE_ADAM_COPIES, ROLE_INIT_NEGATIVE, ROLE_INIT_POSITIVE, ROLE_INIT_UNKNOWN, ROLE_LR
 from bgtrain.losses.functional import LossOutput, batch_mean_sum, bce, mean_over_entries, upcast, valid_rows
 
 GIB = 2 ** 30
@@ -40,7 +38,7 @@ def logit(p: float) -> float:
 
 
 def role_loss(logits: torch.Tensor, estimate_logits: torch.Tensor, labels: torch.Tensor, expected: float,
-              valid: Optional[torch.Tensor] = None) -> torch.Tensor:
+              valid: torch.Tensor | None = None) -> torch.Tensor:
     """ROLE's joint loss of the classifier f and the label estimate g (COLE's ``loss_role``).
 
     Per entry: 0.5 * (observed terms of f and g) + 0.5 * (BCE(f, sg(g)) + BCE(g, sg(f))); plus
@@ -75,9 +73,9 @@ class RoleCriterion(Criterion):
         table = q * (2 * torch.rand(num_samples, num_classes, generator=generator) - 1)
         self.table = torch.nn.Parameter(table)
         self.seen = torch.zeros(num_samples, dtype=torch.bool)
-        self._optimizer: Optional[torch.optim.Adam] = None
-        self._optimizer_state: Optional[dict] = None
-        self._pending: Optional[tuple] = None
+        self._optimizer: torch.optim.Adam | None = None
+        self._optimizer_state: dict | None = None
+        self._pending: tuple | None = None
 
     def _to(self, device: torch.device) -> None:
         """Move the table and its Adam state to the training device (at the first step or after a load)."""
@@ -97,8 +95,8 @@ class RoleCriterion(Criterion):
         rows = torch.where(fresh & (labels == 1), logit(ROLE_INIT_POSITIVE), rows)
         return torch.where(fresh & (labels == 0), logit(ROLE_INIT_NEGATIVE), rows)
 
-    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, epoch: int, valid: Optional[torch.Tensor] = None,
-                 sample_ids: Optional[torch.Tensor] = None) -> LossOutput:
+    def __call__(self, logits: torch.Tensor, labels: torch.Tensor, epoch: int, valid: torch.Tensor | None = None,
+                 sample_ids: torch.Tensor | None = None) -> LossOutput:
         if sample_ids is None:
             raise ValueError("loss.scheme=ROLE needs the batch's sample ids")
         self._to(logits.device)
@@ -109,7 +107,7 @@ class RoleCriterion(Criterion):
         loss = role_loss(logits, estimate, labels, self.expected, rows)
         return LossOutput(loss, torch.zeros_like(labels, dtype=torch.bool))
 
-    def after_step(self, out: Optional[LossOutput] = None, sample_ids: Optional[torch.Tensor] = None) -> None:
+    def after_step(self, out: LossOutput | None = None, sample_ids: torch.Tensor | None = None) -> None:
         """One Adam step of the table on the gradient rows of every rank's batch (collective)."""
         if self._pending is None:
             return

@@ -15,7 +15,6 @@ from torch import Tensor
 
 from bgtrain.ops import extension
 
-
 _MODULES: dict[str, object] = {}  # device type -> loaded extension; skips the arch lookup on every call
 
 

@@ -6,7 +6,7 @@ truly has (full labels of the validation split), so all epochs and models are co
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import numpy as np
 import torch

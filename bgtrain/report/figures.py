@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import io
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import matplotlib
 

@@ -2,9 +2,9 @@
 from __future__ import annotations
 
 import base64
+from collections.abc import Sequence
 from dataclasses import dataclass
 from html import escape
-from typing import Sequence
 
 STYLE = """
 body { font-family: system-ui, sans-serif; margin: 24px; max-width: 1100px; color: #222; }
