@@ -1,11 +1,11 @@
-# Two commands do all the set-up: `make demo` and `make test`. Both build .venv when it is missing.
+# Two commands do all the set-up: `make demo` and `make test`. Every target builds .venv when it is missing.
 PYTHON ?= python3
 VENV := .venv
 PY := $(VENV)/bin/python
 NPROC ?= 2
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: venv test demo smoke-data clean
+.PHONY: venv test test-fast lint typecheck demo smoke-data clean
 
 $(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -22,6 +22,17 @@ smoke-data: data/smoke/manifest.json
 
 test: venv
 	$(PY) -m pytest -q
+
+# The unit tier: no torchrun, no Slurm, no multi-process training (the `distributed` and `slow` markers); under
+# 3 minutes on 2 cores.
+test-fast: venv
+	$(PY) -m pytest -q -m "not slow and not distributed"
+
+lint: venv
+	$(PY) -m ruff check .
+
+typecheck: venv
+	$(PY) -m mypy
 
 # The demo is the paper in miniature: a trunk pretrained on single-object images (the ImageNet stand-in), then
 # Full / AN / LL-R / LL-R+BoostLU fine-tuned from it on multi-object single-positive images, and AN's own

@@ -1,25 +1,39 @@
 """Checkpoints: the only module that touches checkpoint files.
 
 Writes are atomic (temporary file, fsync, rename, fsync of the folder), so a kill at any moment
-leaves either the old or the new file. ``resume: latest`` picks the newest step; the last K and the
-best-by-validation checkpoint are kept. Everything is loaded with ``weights_only=True``.
+leaves either the old or the new file, and a failed write (disk full) leaves no temporary file.
+``checkpoints/history.json`` lists this run's step checkpoints in the order they were written:
+``resume: latest`` takes the newest of them that loads (saying which it skipped and why), and only
+they are pruned to the last K. :func:`prepare_resume` decides, before training starts, whether a run
+may start or resume in its ``out_dir``. Everything is loaded with ``weights_only=True``.
 """
 from __future__ import annotations
 
 import dataclasses
+import json
 import os
 import random
 import re
+import shutil
+import time
 import typing
 import warnings
+import zipfile
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from bgtrain.config import ConfigError, TrainConfig, _build
+from bgtrain.cli import DataError, UsageError
+from bgtrain.config import ConfigError, TrainConfig, _build, to_dict
 
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
+HISTORY = "history.json"
+RUN_FILES = ("metrics.jsonl", "results.json")   # what a run writes beside checkpoints/
+# Config keys whose change makes a resumed checkpoint meaningless: refused unless forced.
+RESUME_BREAKING = ("model.depth", "loss.scheme")
+# Keys that may differ on every resume without being reported.
+RESUME_IGNORED = ("checkpoint.resume", "out_dir", "name")
 
 
 def _fsync_dir(path: Path) -> None:
@@ -33,12 +47,35 @@ def _fsync_dir(path: Path) -> None:
 def atomic_save(obj: dict, path: Path) -> None:
     """torch.save to ``path`` so that readers never see a partial file."""
     tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
-    with open(tmp, "wb") as f:
-        torch.save(obj, f)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
+    try:
+        with open(tmp, "wb") as f:
+            torch.save(obj, f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:  # disk full, killed, ...: a half-written temporary file would only fill the disk more
+        tmp.unlink(missing_ok=True)
+        raise
     _fsync_dir(path.parent)
+
+
+def why_unloadable(path: str | Path) -> str | None:
+    """None when ``path`` is a complete checkpoint file, else the reason (zero bytes, truncated, corrupt).
+
+    torch.save writes a zip archive with a CRC per member, so reading it through finds truncation and
+    flipped bytes without unpickling anything.
+    """
+    path = Path(path)
+    try:
+        if path.stat().st_size == 0:
+            return "zero bytes"
+        with zipfile.ZipFile(path) as z:
+            bad = z.testzip()
+    except zipfile.BadZipFile as e:
+        return f"truncated or not a checkpoint ({e})"
+    except OSError as e:
+        return f"unreadable ({e.strerror or e})"
+    return f"corrupt member {bad} (CRC mismatch)" if bad else None
 
 
 def load(path: str | Path) -> dict:
@@ -46,7 +83,19 @@ def load(path: str | Path) -> dict:
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
-    return torch.load(path, map_location="cpu", weights_only=True)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile) as e:  # torch's ways of saying truncated or foreign
+        raise DataError(f"checkpoint {path} cannot be loaded: {why_unloadable(path) or str(e).splitlines()[0]}") from e
+
+
+def peek(path: str | Path) -> dict:
+    """A checkpoint's entries without reading its tensors (memory-mapped): config, loader, best, rng."""
+    path = Path(path)
+    try:
+        return torch.load(path, map_location="cpu", weights_only=True, mmap=True)
+    except (RuntimeError, EOFError, zipfile.BadZipFile, OSError) as e:
+        raise DataError(f"checkpoint {path} cannot be loaded: {why_unloadable(path) or str(e).splitlines()[0]}") from e
 
 
 def rng_state() -> dict:
@@ -66,42 +115,245 @@ def set_rng_state(state: dict) -> None:
 
 
 class CheckpointSaver:
-    """Owns ``<out_dir>/checkpoints``: step checkpoints, the last K of them, and ``best.pt``."""
+    """Owns ``<out_dir>/checkpoints``: step checkpoints, this run's history of them, the last K, ``best.pt``."""
 
     def __init__(self, folder: str | Path, keep_last: int = 2) -> None:
         self.folder = Path(folder)
         self.keep_last = keep_last
+        self.skipped: list[str] = []   # "PATH: reason" for each checkpoint `latest` passed over
+        self._history: list[str] | None = None
 
     def steps(self) -> list[Path]:
+        """Every step checkpoint in the folder, by step number (this run's or not)."""
         if not self.folder.is_dir():
             return []
         return sorted(p for p in self.folder.iterdir() if _NAME.match(p.name))
 
+    def _recorded(self) -> list[str] | None:
+        """The names in ``history.json``, or None when the folder has none."""
+        path = self.folder / HISTORY
+        try:
+            return [str(n) for n in json.loads(path.read_text())["steps"]]
+        except FileNotFoundError:
+            return None
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{path}: not a checkpoint history ({e}); delete it to use step numbers") from None
+
+    def history(self) -> list[str]:
+        """Names of this run's step checkpoints, oldest first (all step files for a folder without history)."""
+        if self._history is not None:
+            return self._history
+        recorded = self._recorded()
+        # Written by an older bgtrain: its step files are the run that `latest` continues.
+        return recorded if recorded is not None else [p.name for p in self.steps()]
+
     def latest(self) -> Path | None:
-        found = self.steps()
-        return found[-1] if found else None
+        """The newest checkpoint of this run that loads; the ones passed over go to :attr:`skipped`."""
+        self.skipped = []
+        for name in reversed(self.history()):
+            path = self.folder / name
+            if not path.is_file():
+                continue
+            reason = why_unloadable(path)
+            if reason is None:
+                return path
+            self.skipped.append(f"{path}: {reason}")
+        return None
 
     def save(self, state: dict, step: int, is_best: bool = False) -> Path:
-        """Write ``step-N.pt`` (and ``best.pt``), then drop step checkpoints beyond the last K."""
+        """Write ``step-N.pt`` (and ``best.pt``), then drop this run's step checkpoints beyond the last K."""
         self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / f"step-{step:09d}.pt"
         atomic_save(state, path)
         if is_best:
             atomic_save(state, self.folder / "best.pt")
-        for old in self.steps()[: -self.keep_last]:
-            old.unlink(missing_ok=True)
+        # A fresh run starts its own history: step files it did not write (or resume from) are never pruned.
+        own = self._history if self._history is not None else (self._recorded() or [])
+        history = [n for n in own if n != path.name] + [path.name]
+        for name in history[: -self.keep_last]:
+            (self.folder / name).unlink(missing_ok=True)
+        self._history = history[-self.keep_last:]
+        _write_json(self.folder / HISTORY, {"steps": self._history})
         return path
 
     def resolve(self, resume: str | None) -> Path | None:
         """The checkpoint ``checkpoint.resume`` names: None, "latest" (None if there is none yet) or a path."""
         if resume is None:
             return None
-        if resume == "latest":
-            return self.latest()
-        path = Path(resume)
+        path = self.latest() if resume == "latest" else Path(resume)
+        if path is None:
+            return None
         if not path.is_file():
             raise FileNotFoundError(f"checkpoint.resume: {path} does not exist")
+        if resume != "latest" and (reason := why_unloadable(path)) is not None:
+            raise DataError(f"checkpoint.resume: {path} cannot be loaded: {reason}")
+        if path.parent.resolve() == self.folder.resolve() and path.name in self.history():
+            # Resuming from an older checkpoint abandons the newer ones: they are no longer this run's history.
+            self._history = self.history()[: self.history().index(path.name) + 1]
         return path
+
+
+def _write_json(path: Path, obj: object) -> None:
+    tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+    tmp.write_text(json.dumps(obj))
+    os.replace(tmp, path)
+
+
+def run_leftovers(out_dir: str | Path) -> list[Path]:
+    """Files of an earlier run in ``out_dir``: step checkpoints, best.pt, metrics.jsonl, results.json."""
+    out_dir = Path(out_dir)
+    found = [out_dir / n for n in RUN_FILES if (out_dir / n).is_file()]
+    folder = out_dir / "checkpoints"
+    if folder.is_dir():
+        found += sorted(p for p in folder.iterdir() if _NAME.match(p.name) or p.name == "best.pt")
+    return found
+
+
+def move_aside(out_dir: str | Path) -> Path:
+    """``--overwrite``: move everything in ``out_dir`` into ``out_dir/replaced-<UTC time>/``; returns that folder.
+
+    Moving (not deleting) keeps the old run's results until the user removes them; earlier ``replaced-*``
+    folders stay where they are.
+    """
+    out_dir = Path(out_dir)
+    target = out_dir / time.strftime("replaced-%Y%m%d-%H%M%S", time.gmtime())
+    target.mkdir()
+    for item in sorted(out_dir.iterdir()):
+        if item != target and not item.name.startswith("replaced-"):
+            os.replace(item, target / item.name)
+    return target
+
+
+def _flat(tree: dict, prefix: str = "") -> dict:
+    out = {}
+    for key, value in tree.items():
+        if isinstance(value, dict):
+            out.update(_flat(value, f"{prefix}{key}."))
+        else:
+            out[prefix + key] = value
+    return out
+
+
+def config_diff(old: dict, new: dict) -> list[tuple[str, object, object]]:
+    """(key, old value, new value) for every config key that differs, ignoring the ones a resume always changes."""
+    a, b = _flat(old), _flat(new)
+    missing = object()
+    return [(k, a.get(k, missing), b.get(k, missing)) for k in sorted(set(a) | set(b))
+            if k not in RESUME_IGNORED and a.get(k, missing) != b.get(k, missing)]
+
+
+def _num_classes(state: dict) -> int | None:
+    try:
+        return int(_model_state(state, Path("?"))["classifier.weight"].shape[0])
+    except (KeyError, AttributeError, IndexError):
+        return None
+
+
+def _epoch_end_checkpoint(path: Path) -> Path | None:
+    """The newest end-of-epoch checkpoint kept next to ``path`` (loader position at batch 0), else best.pt."""
+    folder = CheckpointSaver(path.parent)
+    for name in [*reversed(folder.history()), "best.pt"]:
+        cand = folder.folder / name
+        if cand.is_file() and why_unloadable(cand) is None and peek(cand)["loader"]["batches_done"] == 0:
+            return cand
+    return None
+
+
+def check_mid_epoch(state: dict, path: Path, cfg: TrainConfig, world_size: int) -> None:
+    """Refuse a mid-epoch resume whose epoch plan would differ (world size, workers, batch size)."""
+    loader = state.get("loader", {})
+    if not loader.get("batches_done"):
+        return  # at an epoch boundary nothing of the old plan is left to continue
+    old_cfg = state.get("config", {}).get("data", {})
+    old = {"world size": len(state.get("rng", [])), "data.workers": old_cfg.get("workers"),
+           "data.batch_size": old_cfg.get("batch_size"), "data.backend": old_cfg.get("backend")}
+    new = {"world size": world_size, "data.workers": cfg.data.workers, "data.batch_size": cfg.data.batch_size,
+           "data.backend": cfg.data.backend}
+    changed = [k for k in old if old[k] != new[k]]
+    if not changed:
+        return
+    way_out = _epoch_end_checkpoint(path)
+    how = (f"resume from the end-of-epoch checkpoint {way_out}" if way_out is not None else
+           "resume from an end-of-epoch checkpoint (none is kept next to it)")
+    raise UsageError(
+        f"{path} was taken mid-epoch (epoch {loader.get('epoch')}, batch {loader['batches_done']}) with "
+        + ", ".join(f"{k} {old[k]}" for k in changed) + "; this run has "
+        + ", ".join(f"{k} {new[k]}" for k in changed)
+        + f", so the rest of that epoch cannot be continued exactly: {how}, or keep the old values")
+
+
+def _adopt_best(saver: CheckpointSaver, state: dict, path: Path, is_main: bool) -> str | None:
+    """Resuming into another folder: bring the source's ``best.pt`` along so the final test finds it."""
+    best = state.get("best") or {}
+    dst = saver.folder / "best.pt"
+    if not best.get("epoch") or path.parent.resolve() == saver.folder.resolve() or dst.is_file():
+        return None
+    src = path.parent / "best.pt"
+    if path.name == "best.pt":
+        src = path
+    if not src.is_file() or why_unloadable(src) is not None or peek(src).get("best") != best:
+        raise DataError(f"checkpoint.resume: the best epoch so far ({best['epoch']}, val mAP "
+                        f"{best.get('val_map', float('nan')):.2f}) of {path} is not in {src} (missing or from "
+                        f"another epoch); copy that epoch's best.pt to {dst}, or resume into {path.parent.parent}")
+    if is_main:
+        saver.folder.mkdir(parents=True, exist_ok=True)
+        tmp = dst.with_name(f".best.pt.tmp{os.getpid()}")
+        try:
+            shutil.copyfile(src, tmp)
+            os.replace(tmp, dst)
+        finally:
+            tmp.unlink(missing_ok=True)
+    return f"copied {src} to {dst} (best epoch so far: {best['epoch']})"
+
+
+def prepare_resume(cfg: TrainConfig, world_size: int, rank: int = 0, restarts: int = 0, overwrite: bool = False,
+                   force: bool = False) -> tuple[TrainConfig, list[str]]:
+    """Decide where this run starts, before any process group: the config to train and notes to print.
+
+    A fresh run refuses an ``out_dir`` holding another run unless ``overwrite`` (which moves it aside on
+    rank 0). A resume picks its checkpoint (``latest`` skips files that do not load), reports config changes
+    and refuses the ones that make it meaningless unless ``force``, refuses a mid-epoch position the new
+    world cannot continue, and brings ``best.pt`` along into a new ``out_dir``. The returned config names the
+    chosen checkpoint in ``checkpoint.resume`` (or None: start from scratch).
+    """
+    out_dir = Path(cfg.out_dir)
+    saver = CheckpointSaver(out_dir / "checkpoints", cfg.checkpoint.keep_last)
+    resume = cfg.checkpoint.resume
+    if resume is None and restarts > 0:
+        resume = "latest"  # a torchrun restart is this run's next attempt
+    notes: list[str] = []
+    path = saver.resolve(resume)
+    notes += [f"skipped checkpoint {s}" for s in saver.skipped]
+    own = path is not None and path.parent.resolve() == saver.folder.resolve()
+    if path is None and resume == "latest" and notes:
+        raise DataError(f"checkpoint.resume=latest: no checkpoint in {saver.folder} loads ({'; '.join(notes)})")
+    if not own and resume != "latest" and (leftovers := run_leftovers(out_dir)):
+        if not overwrite:
+            shown = ", ".join(str(p) for p in leftovers[:3]) + (" ..." if len(leftovers) > 3 else "")
+            raise UsageError(f"out_dir {out_dir} holds another run ({shown}); resume it with "
+                             "checkpoint.resume=latest, pass --overwrite to move its files into "
+                             f"{out_dir}/replaced-<time>/, or choose another out_dir")
+        if rank == 0:
+            notes.append(f"--overwrite: moved the earlier run in {out_dir} to {move_aside(out_dir)}")
+    if path is None:
+        return dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume=None)), notes
+    state = peek(path)
+    changes = config_diff(state.get("config", {}), to_dict(cfg))
+    for key, old, new in changes:
+        notes.append(f"config changed on resume: {key}: {old!r} -> {new!r}")
+    breaking = [f"{k} ({old!r} -> {new!r})" for k, old, new in changes if k in RESUME_BREAKING]
+    from shards.format import read_manifest
+    saved_classes, classes = _num_classes(state), len(read_manifest(cfg.data.shards)["classes"])
+    if saved_classes is not None and saved_classes != classes:
+        breaking.append(f"class count ({saved_classes} in the checkpoint, {classes} in {cfg.data.shards})")
+    if breaking and not force:
+        raise UsageError(f"resuming {path} with changed {', '.join(breaking)} would not continue that run; "
+                         "start a fresh run (another out_dir), or pass --force-resume to resume anyway")
+    check_mid_epoch(state, path, cfg, world_size)
+    if (note := _adopt_best(saver, state, path, rank == 0)) is not None:
+        notes.append(note)
+    notes.append(f"resuming from {path}")
+    return dataclasses.replace(cfg, checkpoint=dataclasses.replace(cfg.checkpoint, resume=str(path))), notes
 
 
 def _known_keys(cls: type, tree: dict, prefix: str, dropped: list[str]) -> dict:

@@ -1,16 +1,20 @@
 """Typed run configuration: a YAML file plus ``key.sub=value`` overrides, validated before any work.
 
 Values are parsed with ``yaml.safe_load`` and never executed. Every field is checked against its
-type; an unknown key or a bad value raises :class:`ConfigError` naming the key and what is allowed.
+type and, for a number, its range; an unknown key or a bad value raises :class:`ConfigError` naming the key and
+what is allowed. Each field carries its help text and range as metadata (:func:`setting`); the README's key table
+is generated from them (``python -m bgtrain.config --markdown``).
 """
 from __future__ import annotations
 
 import dataclasses
+import math
 import types
 import typing
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal, Optional
+from typing import Any, Literal
 
 import yaml
 
@@ -21,95 +25,190 @@ class ConfigError(ValueError):
     """A config key is unknown or its value is not allowed."""
 
 
+@dataclass(frozen=True)
+class Range:
+    """The values a numeric key allows: ``low``/``high`` bounds (None = unbounded), each closed unless ``*_open``.
+
+    A float must also be finite: ``.inf`` and ``.nan`` are never a learning rate or a weight.
+    """
+
+    low: float | None = None
+    high: float | None = None
+    low_open: bool = False
+    high_open: bool = False
+
+    def __contains__(self, value: float) -> bool:
+        if not math.isfinite(value):
+            return False
+        if self.low is not None and (value <= self.low if self.low_open else value < self.low):
+            return False
+        return not (self.high is not None and (value >= self.high if self.high_open else value > self.high))
+
+    def __str__(self) -> str:
+        low, high = _bound(self.low), _bound(self.high)
+        if self.low is not None and self.high is not None:
+            return f"{'(' if self.low_open else '['}{low}, {high}{')' if self.high_open else ']'}"
+        if self.low is not None:
+            return f"{'>' if self.low_open else '>='} {low}"
+        if self.high is not None:
+            return f"{'<' if self.high_open else '<='} {high}"
+        return "any finite number"
+
+
+def _bound(value: float | None) -> str:
+    return str(int(value)) if value is not None and float(value).is_integer() else repr(value)
+
+
+def yaml_scalar(value: Any) -> str:
+    """A value as it is written in a config file: ``null``, ``true``, ``1e-5``, ``data/smoke``."""
+    if isinstance(value, float):
+        return repr(value).replace("e-0", "e-").replace("e+0", "e+")
+    return yaml.safe_dump(value, default_flow_style=True).removesuffix("\n...\n").strip()
+
+
+def setting(default: Any, help: str, *, low: float | None = None, high: float | None = None,
+            low_open: bool = False, high_open: bool = False) -> Any:
+    """A config key: its default, one line of help (the README table's), and for a number the range it allows."""
+    bounded = low is not None or high is not None
+    return field(default=default, metadata={"help": help, "range": Range(low, high, low_open, high_open)
+                                            if bounded else None})
+
+
+def section(cls: type, help: str) -> Any:
+    """A nested config section (``model:``, ``data:``, ...)."""
+    return field(default_factory=cls, metadata={"help": help})
+
+
 @dataclass
 class ModelConfig:
-    depth: Literal[18, 34, 50, 101] = 50
-    alpha_train: float = 5.0        # BoostLU alpha while training; 1.0 = plain GAP head
-    alpha_eval: float = 5.0         # BoostLU alpha at evaluation ("inference only" = train 1, eval 5)
-    pretrained: Optional[str] = None  # local torchvision ResNet state-dict file; never downloaded
-    channels_last: bool = True
+    depth: Literal[18, 34, 50, 101] = setting(50, "ResNet trunk depth (torchvision); the paper: 50, OpenImages 101")
+    alpha_train: float = setting(5.0, "BoostLU α in training (1 = plain GAP head)", low=1.0)
+    alpha_eval: float = setting(5.0, 'BoostLU α at evaluation ("inference only" = train 1, eval 5)', low=1.0)
+    pretrained: str | None = setting(
+        None, "local torchvision ResNet state-dict file; fc is reshaped into the 1x1 conv when class counts match; "
+              "never downloaded")
+    channels_last: bool = setting(True, "channels-last weights and inputs")
 
 
 @dataclass
 class DataConfig:
-    shards: str = "data/smoke"      # folder with manifest.json, built by `python -m shards`
-    backend: Literal["webdataset", "dali"] = "webdataset"
-    decode: Literal["cpu", "gpu"] = "cpu"   # webdataset backend: PIL on CPU or nvJPEG on the GPU
-    labels: Literal["observed", "full"] = "observed"  # which label set training sees
-    image_size: int = 448
-    batch_size: int = 16            # per rank; the global batch is batch_size * world * grad_accum
-    workers: int = 2                # loader processes per rank
-    shuffle_buffer: int = 256       # samples mixed inside each worker's stream
-    flip: bool = True
-    resampled: bool = False         # draw shards with replacement, epoch = epoch_samples
-    epoch_samples: Optional[int] = None  # nominal epoch length (global samples) in resampled mode
-    max_batches: Optional[int] = None    # cut every epoch short (smoke tests)
-    eval_batch_size: int = 64
+    shards: str = setting("data/smoke", "shard folder with `manifest.json` (built by `python -m shards`)")
+    backend: Literal["webdataset", "dali"] = setting("webdataset", "loader backend")
+    decode: Literal["cpu", "gpu"] = setting(
+        "cpu", "webdataset backend: `cpu` (PIL in loader workers) or `gpu` (nvJPEG via torchvision)")
+    labels: Literal["observed", "full"] = setting(
+        "observed", "training labels: `observed` (partial / single positive) or `full`")
+    image_size: int = setting(448, "square resize in px (no crop, aspect not kept, as the paper)", low=32)
+    batch_size: int = setting(16, "per rank; the global batch is batch_size × world × grad_accum", low=1)
+    workers: int = setting(2, "loader processes per rank", low=0)
+    shuffle_buffer: int = setting(
+        256, "samples mixed inside each worker's stream (shards are pre-shuffled and shard order is reshuffled per "
+             "epoch)", low=1)
+    flip: bool = setting(True, "horizontal flip, a pure function of (seed, epoch, sample id)")
+    resampled: bool = setting(False, "draw shards with replacement, nominal epochs of `data.epoch_samples`")
+    epoch_samples: int | None = setting(
+        None, "global samples per nominal epoch (resampled mode; required there)", low=1)
+    max_batches: int | None = setting(None, "cut every training epoch short (smoke tests)", low=1)
+    eval_batch_size: int = setting(64, "per rank, validation and test", low=1)
+    max_corrupt_fraction: float = setting(
+        0.001, "corrupt samples allowed per pass and rank before the run stops, naming the shard", low=0, high=1)
 
 
 @dataclass
 class LossConfig:
-    scheme: Scheme = "AN"
-    delta_rel: Optional[float] = None   # large-loss rate; None = the paper's default for the scheme
-    ls_epsilon: float = 0.1
-    asl_gamma_neg: float = 4.0
-    asl_gamma_pos: float = 1.0
-    asl_clip: float = 0.05
-    expected_positives: Optional[float] = None  # EPR / ROLE k-hat; None = the dataset default
-    em_alpha: Optional[float] = None    # EM / EM+APL entropy weight; None = the paper's value per dataset
-    apl_beta: Optional[float] = None    # EM+APL soft-negative weight; None = the paper's value per dataset
-    apl_warmup_epochs: Optional[int] = None  # EM+APL epochs before pseudo-labelling; None = the paper's
-    state_max_gib: float = 4.0          # ROLE / EM+APL refuse per-sample tables larger than this
+    scheme: Scheme = setting("AN", "training loss (the paper's rows and the single-positive baselines)")
+    delta_rel: float | None = setting(
+        None, "large-loss rate Δ_rel; null = the paper's default (LL-R 0.005, LL-Ct 0.002, LL-Cp 0.001)",
+        low=0.0, high=1.0, low_open=True, high_open=True)
+    ls_epsilon: float = setting(0.1, "LS: AN targets smoothed to 1 - ε and ε", low=0.0, high=1.0)
+    asl_gamma_neg: float = setting(4.0, "ASL: focusing exponent γ- on negatives", low=0.0)
+    asl_gamma_pos: float = setting(1.0, "ASL: focusing exponent γ+ on positives", low=0.0)
+    asl_clip: float = setting(0.05, "ASL: probability shift on negatives", low=0.0, high=1.0)
+    expected_positives: float | None = setting(
+        None, "EPR / ROLE k̂; null = dataset default (VOC 1.5, COCO 2.9, NUS 1.9, CUB 31.4)", low=0.0, low_open=True)
+    em_alpha: float | None = setting(
+        None, "EM / EM+APL entropy weight; null = the EM+APL paper's per dataset (VOC 0.2, COCO 0.1, NUS 0.1, "
+              "CUB 0.01; others 0.1)", low=0.0)
+    apl_beta: float | None = setting(
+        None, "EM+APL soft-negative weight; null = per dataset (VOC 0.02, COCO 0.9, NUS 0.2, CUB 0.4; others 0.1)",
+        low=0.0)
+    apl_warmup_epochs: int | None = setting(
+        None, "EM+APL epochs before pseudo-labelling; null = per dataset (VOC 5, COCO 5, NUS 4, CUB 3; others 1)",
+        low=0)
+    state_max_gib: float = setting(
+        4.0, "ROLE / EM+APL refuse per-sample tables larger than this (ROLE at OpenImages scale: 67 GiB)",
+        low=0.0, low_open=True)
 
 
 @dataclass
 class OptimConfig:
-    lr: float = 1e-5                # trunk learning rate
-    head_lr_mult: float = 10.0      # the 1x1 classifier learns at lr * head_lr_mult
-    weight_decay: float = 0.0
-    epochs: int = 10
-    grad_accum: int = 1
-    grad_clip: float = 0.0          # 0 = off
+    lr: float = setting(1e-5, "trunk learning rate (Adam)", low=0.0, low_open=True)
+    head_lr_mult: float = setting(10.0, "the 1x1 classifier learns at `lr × head_lr_mult`", low=0.0, low_open=True)
+    weight_decay: float = setting(0.0, "Adam weight decay (the paper: none)", low=0.0)
+    epochs: int = setting(10, "training epochs; epoch 1 is the large-loss warm-up", low=1)
+    grad_accum: int = setting(1, "micro-batches per optimizer step (DDP `no_sync` in between)", low=1)
+    grad_clip: float = setting(0.0, "max gradient norm; 0 = off", low=0.0)
 
 
 @dataclass
 class EngineConfig:
-    engine: Literal["ddp", "deepspeed"] = "ddp"
-    precision: Literal["fp32", "bf16", "fp16"] = "fp32"
-    compile: bool = False
-    sync_bn: bool = False
-    zero_stage: Literal[0, 1, 2] = 0
-    tf32: bool = True
-    timeout_s: int = 300            # rendezvous / collective timeout
+    engine: Literal["ddp", "deepspeed"] = setting("ddp", "training engine")
+    precision: Literal["fp32", "bf16", "fp16"] = setting(
+        "fp32", "`bf16` = autocast; `fp16` = autocast + GradScaler, GPU only: refused on a CPU device, where it runs "
+                "~40x slower than bf16")
+    compile: bool = setting(False, "`torch.compile` before the DDP wrap (refused with `engine.engine: deepspeed`)")
+    sync_bn: bool = setting(False, "SyncBatchNorm under DDP (refused with `engine.engine: deepspeed`)")
+    zero_stage: Literal[0, 1, 2] = setting(0, "DeepSpeed ZeRO stage (needs `engine.engine: deepspeed` above 0)")
+    tf32: bool = setting(True, "TF32 matmul/cuDNN on GPUs (both engines)")
+    timeout_s: int = setting(
+        300, "rendezvous and collective timeout in seconds; a rank that never arrives gets a message naming the "
+             "address, and a watchdog ends a process-group start that hangs past it (so `torchrun --max-restarts` "
+             "can retry)", low=1)
 
 
 @dataclass
 class CheckpointConfig:
-    every_steps: int = 0            # 0 = only at the end of each epoch
-    keep_last: int = 2
-    resume: Optional[str] = None    # "latest" or a checkpoint path
+    every_steps: int = setting(0, "also checkpoint every N steps (0 = only at epoch ends)", low=0)
+    keep_last: int = setting(2, "step checkpoints kept (plus `best.pt`)", low=1)
+    resume: str | None = setting(
+        None, "`latest` or a checkpoint path; when null, a torchrun restart (`--max-restarts`) still resumes from "
+              "`latest` instead of starting over")
+
+
+@dataclass
+class LogConfig:
+    tensorboard: bool = setting(True, "TensorBoard event files under `out_dir/tb/` (rank 0): the metrics.jsonl "
+                                      "scalars, and CAM pictures at each epoch end")
+    cam_images: int = setting(4, "validation images whose CAM overlays go to TensorBoard at each epoch end "
+                                 "(0 = none)", low=0)
 
 
 @dataclass
 class EvalConfig:
-    no_positive: Literal["zero", "skip"] = "zero"  # "zero" = the reference: AP 0 kept in the mean
-    groups: int = 0                 # >0: group-wise mAP with that many groups (OpenImages: 5)
-    select_on: Literal["val", "none"] = "val"
+    no_positive: Literal["zero", "skip"] = setting(
+        "zero", "a class with known labels but no positive: `zero` (the reference, also on OpenImages: AP 0 kept in "
+                "the mean) or `skip` (not the reference); a class with no known label is always left out; the "
+                "counts are reported")
+    groups: int = setting(0, "> 0: also report Durand's group-wise mAP with that many groups (OpenImages: 5)", low=0)
+    select_on: Literal["val", "none"] = setting("val", "`val`: best epoch by validation mAP; `none`: last epoch")
 
 
 @dataclass
 class TrainConfig:
-    name: str = "run"
-    out_dir: str = "runs/run"
-    seed: int = 0
-    log_every: int = 10
-    model: ModelConfig = field(default_factory=ModelConfig)
-    data: DataConfig = field(default_factory=DataConfig)
-    loss: LossConfig = field(default_factory=LossConfig)
-    optim: OptimConfig = field(default_factory=OptimConfig)
-    engine: EngineConfig = field(default_factory=EngineConfig)
-    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    eval: EvalConfig = field(default_factory=EvalConfig)
+    name: str = setting("run", "run name (results tables)")
+    out_dir: str = setting("runs/run", "run folder")
+    # numpy's legacy seeding takes seed + rank below 2**32; 2**31 - 1 leaves room for any world size
+    seed: int = setting(0, "seeds weights, shard order, shuffle buffers and flips; same seed → same numbers on CPU",
+                        low=0, high=2**31 - 1)
+    log_every: int = setting(10, "steps between `metrics.jsonl` train lines", low=1)
+    model: ModelConfig = section(ModelConfig, "the network")
+    data: DataConfig = section(DataConfig, "shards and the loader")
+    loss: LossConfig = section(LossConfig, "the training loss")
+    optim: OptimConfig = section(OptimConfig, "optimizer and schedule")
+    engine: EngineConfig = section(EngineConfig, "distributed engine and precision")
+    checkpoint: CheckpointConfig = section(CheckpointConfig, "checkpoints and resume")
+    eval: EvalConfig = section(EvalConfig, "validation, test and the mAP rules")
+    log: LogConfig = section(LogConfig, "what a run writes besides metrics.jsonl")
 
 
 def _describe(tp: Any) -> str:
@@ -118,6 +217,10 @@ def _describe(tp: Any) -> str:
     if _is_optional(tp):
         return _describe(_strip_optional(tp)) + " or null"
     return getattr(tp, "__name__", str(tp))
+
+
+def _is_section(tp: Any) -> bool:
+    return isinstance(tp, type) and dataclasses.is_dataclass(tp)
 
 
 def _is_optional(tp: Any) -> bool:
@@ -158,31 +261,72 @@ def _build(cls: type, data: dict, prefix: str) -> Any:
     for name, value in data.items():
         tp = hints[name]
         key = f"{prefix}{name}"
-        kwargs[name] = _build(tp, value, key + ".") if dataclasses.is_dataclass(tp) else _coerce(key, value, tp)
+        kwargs[name] = _build(tp, value, key + ".") if _is_section(tp) else _coerce(key, value, tp)
     return cls(**kwargs)
 
 
+@dataclass(frozen=True)
+class Key:
+    """One leaf key of the config: its dotted name, type, default, help and range."""
+
+    name: str
+    type: Any
+    default: Any
+    help: str
+    range: Range | None
+
+    def allowed(self) -> str:
+        """What the key accepts, in words: its values, its range or its type, and "or `null`" when optional."""
+        tp = _strip_optional(self.type) if _is_optional(self.type) else self.type
+        if typing.get_origin(tp) is Literal:
+            text = ", ".join(f"`{yaml_scalar(v)}`" for v in typing.get_args(tp))
+        elif tp is bool:
+            text = "`true`, `false`"
+        elif tp in (int, float):
+            text = ("integer " if tp is int else "") + str(self.range or Range())
+        else:
+            text = "text"
+        return text + (" or `null`" if _is_optional(self.type) else "")
+
+
+def config_keys(cls: type = TrainConfig, prefix: str = "") -> list[Key]:
+    """Every leaf key of a config dataclass, sections expanded, in declaration order."""
+    hints = typing.get_type_hints(cls)
+    keys: list[Key] = []
+    for f in dataclasses.fields(cls):
+        tp = hints[f.name]
+        if _is_section(tp):
+            keys += config_keys(tp, f"{prefix}{f.name}.")
+        else:
+            default = f.default if f.default is not dataclasses.MISSING else None
+            keys.append(Key(f"{prefix}{f.name}", tp, default, f.metadata.get("help", ""), f.metadata.get("range")))
+    return keys
+
+
+def _lookup(cfg: Any, dotted: str) -> Any:
+    for part in dotted.split("."):
+        cfg = getattr(cfg, part)
+    return cfg
+
+
 def _validate(cfg: TrainConfig) -> None:
-    checks = [
-        (cfg.model.alpha_train >= 1.0, "model.alpha_train", "must be >= 1 (BoostLU boosts positives)"),
-        (cfg.model.alpha_eval >= 1.0, "model.alpha_eval", "must be >= 1"),
-        (cfg.data.image_size >= 32, "data.image_size", "must be >= 32"),
-        (cfg.data.batch_size >= 1, "data.batch_size", "must be >= 1"),
-        (cfg.data.workers >= 0, "data.workers", "must be >= 0"),
-        (cfg.data.shuffle_buffer >= 1, "data.shuffle_buffer", "must be >= 1"),
-        (not cfg.data.resampled or cfg.data.epoch_samples, "data.epoch_samples", "is required when data.resampled"),
-        (cfg.loss.delta_rel is None or 0 < cfg.loss.delta_rel < 1, "loss.delta_rel", "must be in (0, 1)"),
-        (cfg.optim.lr > 0, "optim.lr", "must be > 0"),
-        (cfg.optim.epochs >= 1, "optim.epochs", "must be >= 1"),
-        (cfg.optim.grad_accum >= 1, "optim.grad_accum", "must be >= 1"),
-        (cfg.checkpoint.keep_last >= 1, "checkpoint.keep_last", "must be >= 1"),
-        (cfg.eval.groups >= 0, "eval.groups", "must be >= 0"),
-        (cfg.engine.engine == "deepspeed" or cfg.engine.zero_stage == 0, "engine.zero_stage",
-         "needs engine.engine=deepspeed"),
-    ]
-    for ok, key, why in checks:
-        if not ok:
-            raise ConfigError(f"{key}: {why}")
+    for key in config_keys():
+        value = _lookup(cfg, key.name)
+        if isinstance(value, (int, float)) and not isinstance(value, bool):
+            allowed = key.range or Range()
+            if value not in allowed:
+                finite = "" if math.isfinite(value) else "a finite number "
+                raise ConfigError(f"{key.name}: got {value!r}, allowed {finite}{allowed}")
+    # rules that tie two keys together
+    if cfg.data.resampled and cfg.data.epoch_samples is None:
+        raise ConfigError("data.epoch_samples: is required when data.resampled is true")
+    if cfg.engine.zero_stage != 0 and cfg.engine.engine != "deepspeed":
+        raise ConfigError(f"engine.zero_stage: {cfg.engine.zero_stage} needs engine.engine=deepspeed")
+    if cfg.engine.engine == "deepspeed":  # options the DeepSpeed engine cannot honour fail here, not silently
+        for key, on in (("engine.compile", cfg.engine.compile), ("engine.sync_bn", cfg.engine.sync_bn)):
+            if on:
+                raise ConfigError(f"{key}: is not supported with engine.engine=deepspeed; set {key}=false or use "
+                                  "engine.engine=ddp")
 
 
 def _set_dotted(tree: dict, dotted: str, value: Any) -> None:
@@ -218,7 +362,12 @@ def _merge(base: dict, top: dict) -> dict:
 
 
 def read_yaml_tree(path: str | Path, _seen: tuple = ()) -> dict:
-    """A config file as a dict; ``base: other.yaml`` (relative to the file) is merged underneath it."""
+    """A config file as a dict, composed from its ``base:`` files (paths relative to the file).
+
+    ``base`` is one file or a list of files, merged in order underneath the file's own keys: with
+    ``base: [base.yaml, ../rows/LL-R.yaml]`` the dataset file is laid down first, the row file on top of it,
+    and any key in this file on top of both.
+    """
     path = Path(path)
     if not path.is_file():
         raise ConfigError(f"{path}: config file not found")
@@ -230,29 +379,49 @@ def read_yaml_tree(path: str | Path, _seen: tuple = ()) -> dict:
         raise ConfigError(f"{path}: not valid YAML: {e}") from None
     if not isinstance(tree, dict):
         raise ConfigError(f"{path}: expected a mapping at the top level")
-    base = tree.pop("base", None)
-    if base is not None:
-        tree = _merge(read_yaml_tree(path.parent / base, _seen + (path.resolve(),)), tree)
-    return tree
+    bases = tree.pop("base", None)
+    if bases is None:
+        return tree
+    if isinstance(bases, str):
+        bases = [bases]
+    if not isinstance(bases, list) or not bases or not all(isinstance(b, str) and b for b in bases):
+        raise ConfigError(f"{path}: base: expected a file name or a list of file names, got {bases!r}")
+    composed: dict = {}
+    for base in bases:
+        composed = _merge(composed, read_yaml_tree(path.parent / base, _seen + (path.resolve(),)))
+    return _merge(composed, tree)
 
 
-def load_config(path: str | Path | None, overrides: list[str] = ()) -> TrainConfig:
+def load_config(path: str | Path | None, overrides: Sequence[str] = ()) -> TrainConfig:
     """Load, override and validate a config; raises ConfigError naming the file and key on any problem."""
     tree: dict = read_yaml_tree(path) if path is not None else {}
     for key, value in parse_overrides(list(overrides)):
         _set_dotted(tree, key, value)
     try:
-        cfg = _build(TrainConfig, tree, "")
-        _validate(cfg)
+        return from_dict(tree)
     except ConfigError as e:
         raise ConfigError(f"{path or 'config'}: {e}") from None
+
+
+def from_dict(tree: dict, validate: bool = True) -> TrainConfig:
+    """A config from a nested dict (a saved ``config.yaml``, a checkpoint's config), type-checked and validated."""
+    cfg = _build(TrainConfig, tree, "")
+    if validate:
+        _validate(cfg)
     return cfg
 
 
 def to_dict(cfg: TrainConfig) -> dict:
+    """The config as a nested dict of plain values."""
     return dataclasses.asdict(cfg)
 
 
 def save_config(cfg: TrainConfig, path: str | Path) -> None:
     """Write the resolved config (YAML) so that a run folder says exactly what produced it."""
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
+
+
+if __name__ == "__main__":   # `python -m bgtrain.config`: the command line lives in bgtrain.config_docs
+    from bgtrain.config_docs import main
+
+    raise SystemExit(main())

@@ -2,11 +2,11 @@
 from __future__ import annotations
 
 import datetime
+import logging
 import os
 import re
 import socket
 import subprocess
-import sys
 import threading
 from dataclasses import dataclass
 from typing import Mapping
@@ -125,7 +125,7 @@ def restart_count() -> int:
 
 
 def _give_up(message: str) -> None:
-    print(f"bgtrain: {message} (watchdog: exiting)", file=sys.stderr, flush=True)
+    logging.getLogger("bgtrain.distributed").critical("%s (watchdog: exiting)", message)
     os._exit(3)
 
 
@@ -159,3 +159,18 @@ def broadcast_object(obj: object, src: int = 0) -> object:
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
+
+
+def rank_and_world() -> tuple[int, int]:
+    """(rank, world size) of the running process group; (0, 1) without one."""
+    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
+
+
+def sum_over_ranks(counts: dict[str, int], device: torch.device) -> dict[str, int]:
+    """Integer counts (same keys on every rank) summed over all ranks (collective; identity without a group)."""
+    if world_size() == 1:
+        return dict(counts)
+    keys = sorted(counts)
+    t = torch.tensor([counts[k] for k in keys], dtype=torch.int64, device=device)
+    dist.all_reduce(t)
+    return dict(zip(keys, t.tolist()))

@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import json
 import math
+import sys
 from pathlib import Path
 from typing import Sequence
 
@@ -113,12 +114,14 @@ def _train_counts(manifest: dict, count_key: str) -> np.ndarray:
 
 
 def report(aps, manifest: dict, num_groups: int = 5, no_positive: NoPositiveRule = "zero",
-           positives_per_class=None, count_key: str = "obs_pos") -> dict:
+           positives_per_class=None, count_key: str = "obs_pos", negatives_per_class=None) -> dict:
     """Group-wise mAP result (JSON-ready) from per-class APs and the shard manifest.
 
     Groups follow Durand: classes sorted ascending by their training count ``count_key`` (default
     ``obs_pos``: observed positive annotations; ``obs_known`` adds verified negatives), cut by
-    ``np.array_split`` into ``num_groups`` groups, G1 rarest.
+    ``np.array_split`` into ``num_groups`` groups, G1 rarest. With ``negatives_per_class`` each group
+    counts its known negatives, and the classes with a positive but no known negative (AP 1 whatever
+    the model) are named in ``no_negative_classes``.
     """
     if count_key not in GROUP_COUNT_KEYS:
         raise ValueError(f"count_key must be one of {GROUP_COUNT_KEYS}, got {count_key!r}")
@@ -127,12 +130,20 @@ def report(aps, manifest: dict, num_groups: int = 5, no_positive: NoPositiveRule
     if len(classes) != aps.size:
         raise ValueError(f"manifest lists {len(classes)} classes but {aps.size} APs were computed")
     counts = _train_counts(manifest, count_key)
-    result = group_map(aps, counts, num_groups, no_positive, positives_per_class)
+    result = group_map(aps, counts, num_groups, no_positive, positives_per_class, negatives_per_class)
     per_class = [{"id": i, "name": classes[i], "ap": None if math.isnan(a) else float(a),
                   "train_count": int(counts[i])} for i, a in enumerate(aps.tolist())]
-    return {"dataset": manifest.get("dataset"), "num_classes": int(aps.size), "no_positive": no_positive,
-            "group_count_key": count_key, "group_cut": "np.array_split of the ascending stable sort",
-            "groups": result["groups"], "all": result["all"], "per_class": per_class}
+    out = {"dataset": manifest.get("dataset"), "num_classes": int(aps.size), "no_positive": no_positive,
+           "group_count_key": count_key, "group_cut": "np.array_split of the ascending stable sort",
+           "groups": result["groups"], "all": result["all"], "per_class": per_class}
+    if negatives_per_class is not None:
+        neg = np.asarray(negatives_per_class.cpu() if isinstance(negatives_per_class, torch.Tensor)
+                         else negatives_per_class)
+        for entry in per_class:
+            entry["n_neg"] = int(neg[entry["id"]])
+        out["no_negative_classes"] = [classes[i] for i in range(aps.size)
+                                      if neg[i] == 0 and not math.isnan(aps[i]) and aps[i] > 0]
+    return out
 
 
 def print_report(result: dict) -> None:
@@ -142,14 +153,24 @@ def print_report(result: dict) -> None:
 
     table = Table(title=f"mAP ({result.get('dataset')}, no-positive rule: {result['no_positive']}, "
                         f"groups by {result['group_count_key']})")
-    for col in ("group", "mAP", "classes", "used", "no positive", "no known", "train count"):
+    negatives = "n_negatives" in result["all"]
+    cols = ("group", "mAP", "classes", "used", "no positive", "no known") + (
+        ("known neg", "no neg") if negatives else ()) + ("train count",)
+    for col in cols:
         table.add_column(col, justify="right")
     rows = [*result["groups"], {"group": "All", **result["all"]}]
     for row in rows:
         span = f"{row['train_count_min']}..{row['train_count_max']}" if "train_count_min" in row else ""
+        extra = (f"{row['n_negatives']:,}", str(row["n_no_negative"])) if negatives else ()
         table.add_row(row["group"], f"{row['map']:.2f}", str(row["n_classes"]), str(row["n_classes_used"]),
-                      str(row["n_no_positive"]), str(row["n_no_known"]), span)
-    Console().print(table)
+                      str(row["n_no_positive"]), str(row["n_no_known"]), *extra, span)
+    console = Console()
+    console.print(table)
+    lacking = result.get("no_negative_classes") or []
+    if lacking:
+        shown = ", ".join(lacking[:10]) + (f" and {len(lacking) - 10} more" if len(lacking) > 10 else "")
+        console.print(f"[bold yellow]warning[/]: {len(lacking)} class(es) have positives but no known negative, "
+                      f"so their AP is 1 whatever the scores: {shown}")
 
 
 def _json_safe(value):
@@ -198,15 +219,22 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     """Score a checkpoint on a split, shard AP by class over ranks, print and write the group table."""
     args = build_parser().parse_args(argv)
     from bgtrain.checkpoint import load_model_for_eval
+    from bgtrain.cli import DataError, UsageError
     from bgtrain.data import build_loader
-    from bgtrain.distributed import init_distributed, shutdown
+    from bgtrain.distributed import init_distributed, shutdown, sum_over_ranks
     from bgtrain.predict import predict
     from shards.format import read_manifest
 
     manifest = read_manifest(args.shards)  # a bad folder fails before any process group
+    num_classes = len(manifest.get("classes", []))
+    if not 1 <= args.groups <= num_classes:  # checked before the (long) scoring, not after it
+        raise UsageError(f"--groups {args.groups}: must be between 1 and the {num_classes} classes of {args.shards}")
     world, device = init_distributed(args.timeout)
     try:
         model, cfg = load_model_for_eval(args.checkpoint, device)
+        if model.classifier.weight.shape[0] != num_classes:
+            raise DataError(f"--checkpoint {args.checkpoint} was trained on {model.classifier.weight.shape[0]} "
+                            f"classes but --shards {args.shards} has {num_classes}; evaluate it on its own dataset")
         if args.alpha_eval is not None:
             model.alpha_eval = args.alpha_eval
         cfg.data.shards = args.shards
@@ -214,10 +242,16 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
                               channels_last=cfg.model.channels_last)
         scores, labels = predict(model, loader)
         res = sharded_ap_with_counts(scores, labels)
+        counts = sum_over_ranks(loader.counts(), device)
         result = None
         if world.is_main:
-            result = report(res.ap, manifest, args.groups, args.no_positive, res.n_pos, args.group_counts)
-            result.update(checkpoint=str(args.checkpoint), split=args.split, alpha_eval=model.alpha_eval)
+            result = report(res.ap, manifest, args.groups, args.no_positive, res.n_pos, args.group_counts,
+                            res.n_known - res.n_pos)
+            result.update(checkpoint=str(args.checkpoint), split=args.split, alpha_eval=model.alpha_eval,
+                          data=counts)
+            if counts["corrupt"]:
+                print(f"warning: {args.split}: scored {counts['samples'] - counts['corrupt']} of {counts['samples']} "
+                      f"samples; {counts['corrupt']} corrupt samples were skipped", file=sys.stderr)
             print_report(result)
             path = write_report(result, args.out or Path(args.checkpoint).parent, f"map_{args.split}.json")
             print(f"wrote {path}")
@@ -227,4 +261,6 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
 
 
 if __name__ == "__main__":
-    main()
+    from bgtrain.cli import run_cli
+
+    sys.exit(run_cli(main, prog="bgtrain.evaluate"))

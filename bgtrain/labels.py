@@ -87,7 +87,7 @@ def dense_rows(pos: Sequence[Sequence[int]], neg: Sequence[Sequence[int]], num_c
 
 
 class CorrectionStore:
-    """Permanent label corrections (LL-Cp), owned by the training processes, sharded by sample id.
+    """Permanent label corrections (LL-Cp), kept by LL-Cp's criterion in the training processes, sharded by id.
 
     The reference keeps them in a numpy array inside the dataset, which persistent loader workers never
     see again. Here rank ``r`` owns the sample ids with ``id % world == r``. Corrections found on any

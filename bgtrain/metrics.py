@@ -20,8 +20,8 @@ choice between them never changes a result:
 """
 from __future__ import annotations
 
+import logging
 import os
-import sys
 import warnings
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
@@ -145,8 +145,8 @@ def _cpu_kernel(device: torch.device, dtype: torch.dtype, entries: int):
     if _kernel_failed or (entries < BUILD_KERNEL_ABOVE and not built):
         return None
     if not built:
-        print(f"bgtrain: building the CPU AP kernel once (~30 s), cached in {extension.ap_cpu_build_dir()}",
-              file=sys.stderr, flush=True)
+        logging.getLogger("bgtrain.metrics").warning("building the CPU AP kernel once (~30 s), cached in %s",
+                                                     extension.ap_cpu_build_dir())
     try:
         return extension.load_ap_cpu()
     except Exception as err:  # noqa: BLE001 - no compiler etc.: the torch path gives the same numbers
@@ -210,12 +210,19 @@ def average_precision(scores, labels, block_elements: int | None = None) -> torc
     return ap_with_counts(scores, labels, block_elements).ap
 
 
-def mean_ap(aps, no_positive: NoPositiveRule = "zero", positives_per_class=None) -> tuple[float, dict]:
+def _numpy(x) -> np.ndarray:
+    return np.asarray(x.cpu() if isinstance(x, torch.Tensor) else x)
+
+
+def mean_ap(aps, no_positive: NoPositiveRule = "zero", positives_per_class=None,
+            negatives_per_class=None) -> tuple[float, dict]:
     """mAP in percent over the classes the rule keeps, and how many classes each rule affected.
 
     ``no_positive="zero"`` is the reference rule (AP 0 stays in the mean), ``"skip"`` leaves such
     classes out. NaN (no known entry) is always left out. Without ``positives_per_class`` a class
     counts as "no positive" when its AP is exactly 0 (impossible for a class with a positive).
+    With ``negatives_per_class`` (known negatives per class) the info also counts the known negatives
+    and the classes with a positive but no known negative, whose AP is 1 whatever the scores.
     """
     if no_positive not in NO_POSITIVE_RULES:
         raise ValueError(f"no_positive must be one of {NO_POSITIVE_RULES}, got {no_positive!r}")
@@ -234,6 +241,12 @@ def mean_ap(aps, no_positive: NoPositiveRule = "zero", positives_per_class=None)
     info = {"n_classes": int(aps.size), "n_classes_used": int(used.sum()),
             "n_no_positive": int(no_pos.sum()), "n_no_known": int(no_known.sum()),
             "no_positive_rule": no_positive}
+    if negatives_per_class is not None:
+        neg = _numpy(negatives_per_class)
+        if neg.shape != aps.shape:
+            raise ValueError(f"negatives_per_class has shape {neg.shape}, aps has {aps.shape}")
+        info["n_negatives"] = int(neg.sum())
+        info["n_no_negative"] = int(((neg == 0) & ~no_known & ~no_pos).sum())
     return value, info
 
 
@@ -253,7 +266,7 @@ def class_groups(train_pos_counts, num_groups: int = 5) -> list[np.ndarray]:
 
 
 def group_map(aps, train_pos_counts, num_groups: int = 5, no_positive: NoPositiveRule = "zero",
-              positives_per_class=None) -> dict:
+              positives_per_class=None, negatives_per_class=None) -> dict:
     """Per-group and all-class mAP; ``aps`` stays indexed by class id (never compacted)."""
     aps = np.asarray(aps.cpu() if isinstance(aps, torch.Tensor) else aps, dtype=np.float64)
     counts = np.asarray(train_pos_counts)
@@ -262,11 +275,13 @@ def group_map(aps, train_pos_counts, num_groups: int = 5, no_positive: NoPositiv
                          "the evaluated model disagree on the class list")
     pos = None if positives_per_class is None else np.asarray(
         positives_per_class.cpu() if isinstance(positives_per_class, torch.Tensor) else positives_per_class)
+    neg = None if negatives_per_class is None else _numpy(negatives_per_class)
     groups = []
     for g, ids in enumerate(class_groups(counts, num_groups)):
-        value, info = mean_ap(aps[ids], no_positive, None if pos is None else pos[ids])
+        value, info = mean_ap(aps[ids], no_positive, None if pos is None else pos[ids],
+                              None if neg is None else neg[ids])
         groups.append({"group": f"G{g + 1}", "map": value, "class_ids": ids.tolist(),
                        "train_count_min": int(counts[ids].min()), "train_count_max": int(counts[ids].max()),
                        **info})
-    value, info = mean_ap(aps, no_positive, pos)
+    value, info = mean_ap(aps, no_positive, pos, neg)
     return {"groups": groups, "all": {"map": value, **info}, "num_groups": num_groups}

@@ -7,6 +7,7 @@ import random
 import signal
 import time
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 import torch
@@ -14,17 +15,19 @@ import torch.distributed as dist
 
 from bgtrain import checkpoint as ckpt
 from bgtrain.config import TrainConfig, save_config, to_dict
-from bgtrain.data import build_loader
-from bgtrain.distributed import WorldInfo, broadcast_object, init_distributed, restart_count
-from bgtrain.engine import DTYPES, build_engine
+from bgtrain.data import Batch, build_loader
+from bgtrain.distributed import WorldInfo, broadcast_object, init_distributed, restart_count, sum_over_ranks
+from bgtrain.engines import DTYPES, build_engine
 from bgtrain.evaluate import report, sharded_ap_with_counts
-from bgtrain.labels import CorrectionStore
-from bgtrain.losses import build_criterion
+from bgtrain.engines.base import Engine
+from bgtrain.losses import Criterion, LossOutput, build_criterion
 from bgtrain.metrics import mean_ap
 from bgtrain.model import build_model
 from bgtrain.ops import active_implementation
 from bgtrain.predict import predict
-from bgtrain.progress import RankZeroProgress
+from bgtrain.report.cams import EpochCams
+from bgtrain.report.tensorboard import TensorBoardSink
+from bgtrain.runlog import RunLogger
 from shards.format import read_manifest
 
 
@@ -40,7 +43,9 @@ class StopRequested:
         self.flag = True
 
     def agreed(self, device: torch.device) -> bool:
-        """True on every rank as soon as any rank was signalled, so that all stop at the same step."""
+        """True on every rank as soon as any rank was signalled, so that all stop at the same step.
+
+        A collective and a host read: the trainer asks only at logging steps and at the end of an epoch."""
         if not dist.is_initialized():
             return self.flag
         t = torch.tensor([float(self.flag)], device=device)
@@ -48,16 +53,23 @@ class StopRequested:
         return bool(t.item())
 
 
-class MetricsLog:
-    """``metrics.jsonl`` on rank 0, one JSON object per line."""
+def train_step(engine: Engine, criterion: Criterion, batch: Batch, epoch: int) -> Optional[LossOutput]:
+    """One training step on this rank's valid rows; None, and nothing changes, when no rank has data.
 
-    def __init__(self, path: Path, enabled: bool) -> None:
-        self.path, self.enabled = path, enabled
-
-    def write(self, **record: object) -> None:
-        if self.enabled:
-            with open(self.path, "a") as f:
-                f.write(json.dumps(record) + "\n")
+    A step without data anywhere (``batch.step_has_data`` is False, the same on every rank) is skipped by every
+    rank alike: no forward, no optimizer, BatchNorm, criterion or scaler update, and no collective left waiting.
+    Otherwise only the first ``batch.num_valid`` rows (the valid ones) are forwarded, as views, so padding feeds
+    neither the loss nor BatchNorm; a rank with no valid row runs a 0-row step, which still joins DDP's
+    gradient all-reduce (its gradient is zero, as the padded batch's was).
+    """
+    if not batch.step_has_data:
+        return None
+    n = batch.num_valid
+    ids = batch.sample_id[:n]
+    labels = criterion.prepare_labels(batch.labels[:n], ids)
+    out = engine.step(batch.image[:n], lambda logits: criterion(logits, labels, epoch, None, ids))
+    criterion.after_step(out, ids)
+    return out
 
 
 def seed_everything(seed: int, rank: int) -> None:
@@ -68,35 +80,61 @@ def seed_everything(seed: int, rank: int) -> None:
 
 
 def score_split(engine, cfg: TrainConfig, split: str, world: WorldInfo, device: torch.device,
-                label_set: str | None = None):
-    """(scores, labels, sample ids) of this rank's share of a split, in eval mode (the evaluation alpha)."""
+                label_set: str | None = None, counts: dict | None = None):
+    """(scores, labels, sample ids) of this rank's share of a split, in eval mode (the evaluation alpha).
+
+    ``counts``, when given, is filled with the pass's samples, corrupt samples and padding, summed over ranks
+    (collective), so a score computed on less data than asked can say so.
+    """
     loader = build_loader(cfg.data, split, world, device, train=False, seed=cfg.seed,
                           channels_last=cfg.model.channels_last, label_set=label_set)
     engine.train(False)
     try:
-        return predict(engine.eval_logits, loader, with_ids=True)
+        scored = predict(engine.eval_logits, loader, with_ids=True)
     finally:
         engine.train(True)
+    if counts is not None:
+        counts.update(sum_over_ranks(loader.counts(), device))
+    return scored
 
 
 def evaluate_map(engine, cfg: TrainConfig, split: str, world: WorldInfo, device: torch.device) -> tuple[float, dict]:
-    """mAP (%) of the current model on a split (full labels); all ranks take part."""
-    scores, labels, _ = score_split(engine, cfg, split, world, device)
+    """mAP (%) of the current model on a split (full labels), with the split's sample counts; all ranks take part."""
+    counts: dict = {}
+    scores, labels, _ = score_split(engine, cfg, split, world, device, counts=counts)
     result = sharded_ap_with_counts(scores, labels)
-    value, info = mean_ap(result.ap, cfg.eval.no_positive, result.n_pos)
+    value, info = mean_ap(result.ap, cfg.eval.no_positive, result.n_pos, result.n_known - result.n_pos)
     if cfg.eval.groups:
         groups = report(result.ap, read_manifest(cfg.data.shards), cfg.eval.groups, cfg.eval.no_positive,
                         result.n_pos)["groups"]
         info["groups"] = groups
+    info["data"] = counts
     return value, info
+
+
+def shortfall(split: str, counts: dict) -> str | None:
+    """A warning when a split was scored or trained on fewer samples than it holds (corrupt ones skipped)."""
+    if not counts.get("corrupt"):
+        return None
+    used = counts["samples"] - counts["corrupt"]
+    return (f"{split}: computed on {used} of {counts['samples']} samples; {counts['corrupt']} corrupt samples were "
+            "skipped (see the warnings above for the shards)")
+
+
+def criterion_state(state: dict) -> dict:
+    """The criterion's part of a checkpoint; checkpoints written before LL-Cp's corrections moved into its
+    criterion keep them under a top-level "corrections" key."""
+    if "corrections" in state:
+        return {"corrections": state["corrections"], **state["criterion"]}
+    return state["criterion"]
 
 
 class Trainer:
     """One training run: set-up and resume in the constructor, then :meth:`fit`.
 
-    Every rank builds the same objects; rank 0 alone writes files. The state a resume needs (weights,
-    optimizer, corrections, criterion state, every rank's RNG, the loader position, the best epoch so far)
-    is gathered by :meth:`save`, so a resumed run continues exactly where the saved one was.
+    Every rank builds the same objects; rank 0 alone writes files. The state a resume needs (weights, optimizer,
+    criterion state such as LL-Cp's corrections or ROLE's table, every rank's RNG, the loader position, the best
+    epoch so far) is gathered by :meth:`save`, so a resumed run continues exactly where the saved one was.
     """
 
     def __init__(self, cfg: TrainConfig) -> None:
@@ -108,7 +146,8 @@ class Trainer:
         if world.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
-        self.log = MetricsLog(self.out_dir / "metrics.jsonl", world.is_main)
+        self.log = RunLogger(self.out_dir / "metrics.jsonl", world.is_main, world.rank).install()
+        self.epoch_cams: Optional[EpochCams] = None
         dtype = DTYPES[cfg.engine.precision] if device.type == "cuda" else torch.float32
         self.loader = build_loader(cfg.data, "train", world, device, train=True, seed=cfg.seed,
                                    channels_last=cfg.model.channels_last, dtype=dtype)
@@ -116,14 +155,17 @@ class Trainer:
         self.criterion = build_criterion(cfg.loss, self.loader.info.dataset, self.loader.info.num_samples,
                                          self.loader.num_classes, epochs=cfg.optim.epochs,
                                          lr=cfg.optim.lr * cfg.optim.head_lr_mult, seed=cfg.seed)
-        self.store = CorrectionStore(self.loader.num_classes, world.rank, world.world_size)
+        if world.is_main and cfg.log.tensorboard:
+            self.log.add_sink(TensorBoardSink(self.out_dir))
+            if cfg.log.cam_images:
+                self.epoch_cams = EpochCams(cfg, self.loader.num_classes, cfg.log.cam_images)
         self.saver = ckpt.CheckpointSaver(self.out_dir / "checkpoints", cfg.checkpoint.keep_last)
-        self.progress = RankZeroProgress(world.is_main)
-        self.progress.log(f"world {world.world_size} on {device}, engine {self.engine.name}, precision "
+        self.log.message(f"world {world.world_size} on {device}, engine {self.engine.name}, precision "
                           f"{cfg.engine.precision}, BoostLU op: {active_implementation(device)}, alpha train/eval "
                           f"{cfg.model.alpha_train}/{cfg.model.alpha_eval}")
         self.epoch, self.batches_done, self.global_step = 1, 0, 0
         self.best = {"val_map": -1.0, "epoch": 0}
+        self.last_loss: Optional[float] = None  # rank 0's loss at the last logging step, for the progress bar
         self._resume()
 
     def _resume(self) -> None:
@@ -137,13 +179,11 @@ class Trainer:
             return
         state = ckpt.load(path)
         self.engine.load_state_dict(state["engine"])
-        self.store.load_state_dict(state["corrections"])
-        if hasattr(self.criterion, "load_state_dict"):
-            self.criterion.load_state_dict(state["criterion"])
+        self.criterion.load_state_dict(criterion_state(state))
         ckpt.set_rng_state(state["rng"][self.world.rank % len(state["rng"])])
         self.epoch, self.batches_done = state["loader"]["epoch"], state["loader"]["batches_done"]
         self.global_step, self.best = state["global_step"], state["best"]
-        self.progress.log(f"resumed from {path}: epoch {self.epoch}, batch {self.batches_done}")
+        self.log.message(f"resumed from {path}: epoch {self.epoch}, batch {self.batches_done}")
 
     def save(self, is_best: bool = False) -> None:
         """Checkpoint now (collective: every rank must call it)."""
@@ -152,9 +192,7 @@ class Trainer:
             dist.all_gather_object(rngs, ckpt.rng_state())
         else:
             rngs = [ckpt.rng_state()]
-        criterion = self.criterion
-        state = {"engine": self.engine.state_dict(), "corrections": self.store.state_dict(), "rng": rngs,
-                 "criterion": criterion.state_dict() if hasattr(criterion, "state_dict") else {},
+        state = {"engine": self.engine.state_dict(), "rng": rngs, "criterion": self.criterion.state_dict(),
                  "loader": self.loader.state_dict(), "global_step": self.global_step, "best": self.best,
                  "config": to_dict(self.cfg)}
         if self.world.is_main:
@@ -163,61 +201,78 @@ class Trainer:
     def fit(self) -> dict:
         """Train, select the best epoch on validation, evaluate it on test; returns the final results."""
         stop = StopRequested()
-        while self.epoch <= self.cfg.optim.epochs:
-            if not self._train_epoch(stop):
-                self.progress.log(f"stop requested: checkpoint at step {self.global_step}, exiting")
-                self.progress.close()
-                return {"stopped_at_step": self.global_step}
-            self._end_epoch()
-        return self._test_best()
+        try:
+            while self.epoch <= self.cfg.optim.epochs:
+                if not self._train_epoch(stop):
+                    self.log.message(f"stop requested: checkpoint at step {self.global_step}, exiting")
+                    return {"stopped_at_step": self.global_step}
+                self._end_epoch()
+            return self._test_best()
+        finally:
+            self.log.close()
 
     def _train_epoch(self, stop: StopRequested) -> bool:
         """The rest of the current epoch; False when a stop was requested (after checkpointing)."""
-        cfg, loader, criterion, store, epoch = self.cfg, self.loader, self.criterion, self.store, self.epoch
+        cfg, loader, criterion, epoch = self.cfg, self.loader, self.criterion, self.epoch
         loader.set_epoch(epoch, self.batches_done)
         self.engine.train(True)
-        task = self.progress.start(f"epoch {epoch}", total=len(loader), completed=self.batches_done)
-        uses_corrections = cfg.loss.scheme == "LL-Cp"
+        total = len(loader)
+        task = self.log.start(f"epoch {epoch}", total=total, completed=self.batches_done)
         tick = time.perf_counter()
         for batch in loader:
             data_s = time.perf_counter() - tick
-            labels = store.apply(batch.labels, batch.sample_id) if uses_corrections else batch.labels
-            out = self.engine.step(batch.image, lambda logits: criterion(logits, labels, epoch, batch.valid,
-                                                                         batch.sample_id))
-            if hasattr(criterion, "after_step"):
-                criterion.after_step()
-            if out.corrections is not None:
-                store.record(batch.sample_id, out.corrections & batch.valid[:, None])
+            out = train_step(self.engine, criterion, batch, epoch)
             self.global_step += 1
+            # No host sync on other steps (the device keeps its queue): the loss is read only here, on rank 0.
+            logging_step = self.global_step % cfg.log_every == 0
+            if logging_step and self.world.is_main:
+                self.last_loss = out.loss.item() if out is not None else None
             step_s = time.perf_counter() - tick
-            self.progress.advance(task, f"loss {out.loss.item():.4f}  data {data_s:.3f}s / step {step_s:.3f}s")
-            if self.global_step % cfg.log_every == 0:
-                self.log.write(kind="train", epoch=epoch, step=self.global_step, loss=out.loss.item(),
-                               selected=int(out.selected.sum()), corrections=len(store), data_s=round(data_s, 4),
-                               step_s=round(step_s, 4),
-                               img_s=round(batch.image.shape[0] * self.world.world_size / step_s, 1))
+            if logging_step:
+                self.log.record(kind="train", epoch=epoch, step=self.global_step, loss=self.last_loss,
+                                selected=int(out.selected.sum()) if out is not None and self.world.is_main else 0,
+                                corrections=criterion.corrections_kept(), lr=cfg.optim.lr, data_s=round(data_s, 4),
+                                step_s=round(step_s, 4),
+                                img_s=round(batch.image.shape[0] * self.world.world_size / step_s, 1),
+                                **({} if out is not None else {"empty_step": True}))
+            loss_text = "-" if self.last_loss is None else f"{self.last_loss:.4f}"
+            self.log.advance(task, f"loss {loss_text}  data {data_s:.3f}s / step {step_s:.3f}s")
             if cfg.checkpoint.every_steps and self.global_step % cfg.checkpoint.every_steps == 0:
                 self.save()
-            if stop.agreed(self.device):
+            # The stop flag is an all_reduce: asked at logging steps and at the epoch's last step, so every
+            # rank still stops at the same step.
+            if (logging_step or loader.batches_done == total) and stop.agreed(self.device):
                 self.save()
                 return False
             tick = time.perf_counter()
-        self.progress.finish(task)
+        self.log.finish(task)
+        # Collective, once per epoch: what this epoch read, and how much of it was corrupt (skipped) or padding.
+        counts = sum_over_ranks(loader.counts(), self.device)
+        self.log.record(kind="data", split="train", epoch=epoch, step=self.global_step, **counts)
+        self._warn_shortfall(f"train epoch {epoch}", counts)
         return True
+
+    def _warn_shortfall(self, what: str, counts: dict) -> None:
+        warning = shortfall(what, counts)
+        if warning:
+            self.log.warning(warning)
 
     def _end_epoch(self) -> None:
         """Criterion's epoch hook, validation, best-epoch bookkeeping and the end-of-epoch checkpoint."""
         cfg, epoch = self.cfg, self.epoch
-        if hasattr(self.criterion, "end_epoch"):
-            self.criterion.end_epoch(epoch, lambda: score_split(self.engine, cfg, "train", self.world, self.device,
-                                                                cfg.data.labels))
+        self.criterion.end_epoch(epoch, lambda: score_split(self.engine, cfg, "train", self.world, self.device,
+                                                            cfg.data.labels))
         val_map, info = (evaluate_map(self.engine, cfg, "val", self.world, self.device)
                          if cfg.eval.select_on == "val" else (0.0, {}))
         is_best = cfg.eval.select_on == "none" or val_map > self.best["val_map"]
         if is_best:
             self.best = {"val_map": val_map, "epoch": epoch}
-        self.log.write(kind="val", epoch=epoch, step=self.global_step, val_map=val_map, **info)
-        self.progress.log(f"epoch {epoch}: val mAP {val_map:.2f} "
+        self.log.record(kind="val", epoch=epoch, step=self.global_step, val_map=val_map, **info)
+        self._warn_shortfall(f"val mAP of epoch {epoch}", info.get("data", {}))
+        if self.epoch_cams is not None:  # rank 0 alone, no collective: the same pictures every epoch
+            for tag, picture in self.epoch_cams.render(self.engine.module, self.device):
+                self.log.image(tag, picture, self.global_step)
+        self.log.message(f"epoch {epoch}: val mAP {val_map:.2f} "
                           f"(best {self.best['val_map']:.2f} at epoch {self.best['epoch']})")
         self.epoch, self.batches_done = epoch + 1, 0
         self.loader.set_epoch(self.epoch, 0)
@@ -233,9 +288,10 @@ class Trainer:
         results = {"name": cfg.name, "scheme": cfg.loss.scheme, "alpha_train": cfg.model.alpha_train,
                    "alpha_eval": cfg.model.alpha_eval, "best_epoch": best["epoch"], "val_map": best["val_map"],
                    "test_map": test_map, **info}
-        self.log.write(kind="test", **results)
+        self.log.record(kind="test", **results)
         if self.world.is_main:
             (self.out_dir / "results.json").write_text(json.dumps(results, indent=1))
-        self.progress.log(f"test mAP {test_map:.2f} (epoch {best['epoch']} selected on val)")
-        self.progress.close()
+        self.log.message(f"test mAP {test_map:.2f} (epoch {best['epoch']} selected on val) on "
+                         f"{info['data']['samples'] - info['data']['corrupt']} test samples")
+        self._warn_shortfall("test mAP", info["data"])
         return results

@@ -63,9 +63,52 @@ def _shard_path(root: Path, split: str, name: str) -> Path:
     return root / split / name
 
 
-def check_shards(root: Path, world: WorldInfo) -> Check:
-    """manifest.json parses and every tar it lists exists and yields its first member."""
-    from rich.progress import Progress
+def _first_member(path: Path) -> None:
+    """--quick: the tar opens and its first member reads."""
+    with tarfile.open(path) as tar:
+        member = tar.next()
+        if member is None:
+            raise ValueError("empty tar")
+        tar.extractfile(member).read()
+
+
+def expected_size(path: Path, entry: dict) -> int | None:
+    """Smallest size the complete tar can have: the manifest's ``bytes``, else the end of the last member
+    its DALI index lists plus the two zero blocks that end a tar (None without either)."""
+    if isinstance(entry.get("bytes"), int):
+        return entry["bytes"]
+    idx = path.with_suffix(".idx")
+    if not idx.is_file():
+        return None
+    end = 0
+    for line in idx.read_text().splitlines()[1:]:
+        fields = line.split()
+        for i in range(0, len(fields) - 3, 4):  # ext offset size name, per member of the sample
+            end = max(end, int(fields[i + 1]) + int(fields[i + 2]))
+    return -(-end // tarfile.BLOCKSIZE) * tarfile.BLOCKSIZE + 2 * tarfile.BLOCKSIZE
+
+
+def check_tar(path: Path, entry: dict) -> None:
+    """The tar is as long as its index (or manifest) says and holds the manifest's number of samples.
+
+    Walking the headers costs one small read per member, not the image bytes. A truncated tar ends the
+    walk early without an error from tarfile, so the sample count is what catches it.
+    """
+    size, want = path.stat().st_size, expected_size(path, entry)
+    if want is not None and size < want:
+        raise ValueError(f"{size:,} bytes, its index needs at least {want:,} (truncated)")
+    keys: set[str] = set()
+    with tarfile.open(path) as tar:
+        for m in tar:
+            if m.isfile():
+                keys.add(m.name.split(".", 1)[0])
+    if len(keys) != entry.get("num_samples", len(keys)):
+        raise ValueError(f"{len(keys)} samples, manifest.json says {entry['num_samples']}")
+
+
+def check_shards(root: Path, world: WorldInfo, quick: bool = False) -> Check:
+    """manifest.json parses and every tar it lists has its size and sample count (``quick``: first member reads)."""
+    from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from shards.format import read_manifest
 
@@ -73,28 +116,25 @@ def check_shards(root: Path, world: WorldInfo) -> Check:
         manifest = read_manifest(root)
     except (OSError, ValueError) as e:
         return Check(world.rank, world.node, f"shards {root}", False, str(e))
-    entries = [(split, s["name"]) for split, info in manifest.get("splits", {}).items()
-               for s in info.get("shards", [])]
+    entries = [(split, s) for split, info in manifest.get("splits", {}).items() for s in info.get("shards", [])]
     if not entries:
         return Check(world.rank, world.node, f"shards {root}", False, f"{root}/manifest.json lists no shards")
     bad: list[str] = []
-    with Progress(console=console, transient=True, disable=len(entries) < 50) as progress:
-        for split, name in progress.track(entries, description=f"reading {root}"):
-            path = _shard_path(root, split, name)
+    columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
+    with Progress(*columns, console=console, transient=True) as progress:
+        for split, entry in progress.track(entries, description=f"{'opening' if quick else 'checking'} {root}"):
+            path = _shard_path(root, split, entry["name"])
             try:
-                with tarfile.open(path) as tar:
-                    member = tar.next()
-                    if member is None:
-                        raise ValueError("empty tar")
-                    tar.extractfile(member).read()
+                _first_member(path) if quick else check_tar(path, entry)
             except (OSError, tarfile.TarError, ValueError, AttributeError) as e:
                 bad.append(f"{path}: {e}")
     if bad:
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
         return Check(world.rank, world.node, f"shards {root}", False,
-                     f"{len(bad)}/{len(entries)} tars unreadable: " + "; ".join(bad[:3]) + more)
+                     f"{len(bad)}/{len(entries)} tars bad: " + "; ".join(bad[:3]) + more)
     splits = ", ".join(f"{k}: {v.get('num_samples', '?')}" for k, v in manifest.get("splits", {}).items())
-    return Check(world.rank, world.node, f"shards {root}", True, f"{len(entries)} tars readable ({splits})")
+    what = "open" if quick else "complete"
+    return Check(world.rank, world.node, f"shards {root}", True, f"{len(entries)} tars {what} ({splits})")
 
 
 def check_disk(folder: Path, min_free_gb: float, world: WorldInfo) -> Check:
@@ -244,7 +284,7 @@ def run(args: argparse.Namespace) -> int:
         return 1
     checks = [check_devices(world, args.procs_per_node, args.require_gpu)]
     if world.local_rank == 0:  # file systems are per node; one reader per node is enough
-        checks += [check_shards(Path(s), world) for s in args.shards]
+        checks += [check_shards(Path(s), world, args.quick) for s in args.shards]
         if args.checkpoint_dir:
             checks.append(check_disk(Path(args.checkpoint_dir), args.min_free_gb, world))
     try:
@@ -296,6 +336,9 @@ def main(argv: list[str] | None = None) -> int:
                         help="processes each node will run, checked against its GPU count "
                              "(default LOCAL_WORLD_SIZE / tasks on this node)")
     parser.add_argument("--require-gpu", action="store_true", help="fail on a node without a GPU")
+    parser.add_argument("--quick", action="store_true",
+                        help="shards: only open each tar and read its first member (default: check every tar's "
+                             "size against its index and its sample count against manifest.json)")
     args = parser.parse_args(argv)
     # c10d logs each failed connect with a C++ stack trace; the table and message below say it better.
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")
@@ -303,4 +346,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from bgtrain.cli import run_cli
+
+    sys.exit(run_cli(main, prog="cluster.preflight"))

@@ -7,6 +7,7 @@ import os
 import sys
 from pathlib import Path
 
+from bgtrain.cli import UsageError
 from shards.readers import DATASETS
 
 EXAMPLES = """examples:
@@ -35,8 +36,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--out", type=Path, required=True, help="output shard folder")
     b.add_argument("--images", type=Path, help="image root (nuswide, openimages, csv), if not under --src")
     b.add_argument("--classes", type=Path, help="csv: class names file (default SRC/classes.txt)")
-    b.add_argument("--rest", choices=("unknown", "negative"), default="unknown",
-                   help="csv: value of classes a row does not list (default unknown)")
+    b.add_argument("--rest", default=None, metavar="unknown|negative|SPLIT=VALUE,...",
+                   help="csv: value of classes a row does not list, for all splits or per split "
+                        "(train=unknown,val=negative,test=negative); default: train unknown, val/test negative "
+                        "unless their list gives negatives")
     b.add_argument("--max-side", type=int, default=512, help="shrink longer side to this; 0 keeps size (default 512)")
     b.add_argument("--quality", type=int, default=90, help="JPEG quality of re-encoded images (default 90)")
     b.add_argument("--shard-size", type=int, default=2000, help="samples per tar (default 2000)")
@@ -85,12 +88,14 @@ def _build(args: argparse.Namespace) -> int:
     console = Console(stderr=True)
     for name in ("max_side", "quality", "shard_size", "workers", "parts"):
         if getattr(args, name) < (0 if name == "max_side" else 1):
-            raise SystemExit(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
+            raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if not args.src.exists():
-        raise SystemExit(f"--src {args.src}: no such folder")
+        raise UsageError(f"--src {args.src}: no such folder")
     data = get_reader(args.dataset)(args.src, seed=args.seed, images=args.images, classes=args.classes,
                                     rest=args.rest)
     opts = BuildOptions(args.max_side or None, args.quality, args.shard_size, args.seed, args.part, args.parts)
+    for note in data.notes:
+        console.print(f"[yellow]note[/]: {note}")
     problems = data.problems.summary()
     if problems:
         console.print(f"[yellow]annotation problems[/]: {problems}")
@@ -113,12 +118,51 @@ def _build(args: argparse.Namespace) -> int:
     return 0
 
 
+def _synthetic_checks(argv: list[str]) -> list[str]:
+    """``synthetic``: refuse counts that build nothing and a non-empty ``--out`` unless ``--overwrite``.
+
+    With ``--overwrite`` an existing shard folder (one with a manifest.json) is deleted first, so no
+    stale tar of the old dataset stays beside the new ones; any other non-empty folder is refused.
+    Returns the arguments for the synthetic parser (``--overwrite`` removed).
+    """
+    import shutil
+
+    if any(a in ("-h", "--help") for a in argv):
+        print("python -m shards synthetic also takes --overwrite: replace an existing shard folder at --out")
+        return argv
+    pre = argparse.ArgumentParser(add_help=False)
+    pre.add_argument("--out", type=Path)
+    pre.add_argument("--overwrite", action="store_true")
+    for name in ("--shard-size", "--classes", "--size", "--max-objects"):
+        pre.add_argument(name, type=int, default=1)
+    for name in ("--train", "--val", "--test"):
+        pre.add_argument(name, type=int, default=0)
+    known, _ = pre.parse_known_args(argv)
+    for name in ("shard_size", "classes", "size", "max_objects"):
+        if getattr(known, name) < 1:
+            raise UsageError(f"--{name.replace('_', '-')} must be >= 1, got {getattr(known, name)}")
+    for name in ("train", "val", "test"):
+        if getattr(known, name) < 0:
+            raise UsageError(f"--{name} must be >= 0, got {getattr(known, name)}")
+    out = known.out
+    if out is not None and out.exists() and (not out.is_dir() or any(out.iterdir())):
+        if not known.overwrite:
+            raise UsageError(f"--out {out} is not empty; pass --overwrite to replace the shard folder there")
+        # a shard folder, or what a killed synthetic build leaves: split folders and no manifest yet
+        if not (out / "manifest.json").is_file() and not all(
+                e.name in ("train", "val", "test", "manifest.json.partial") for e in out.iterdir()):
+            raise UsageError(f"--out {out} is not empty and holds no manifest.json (not a shard folder); "
+                             "--overwrite only replaces shard folders, choose an empty --out")
+        shutil.rmtree(out)
+    return [a for a in argv if a != "--overwrite"]
+
+
 def main(argv: list[str] | None = None) -> int:
     """Dispatch a subcommand; returns the exit code."""
     argv = sys.argv[1:] if argv is None else argv
     if argv[:1] == ["synthetic"]:  # its own parser and --help
         from shards.synthetic import main as synthetic_main
-        synthetic_main(argv[1:])
+        synthetic_main(_synthetic_checks(argv[1:]))
         return 0
     args = _parser().parse_args(argv)
     if args.command == "build":
@@ -147,4 +191,6 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from bgtrain.cli import run_cli
+
+    sys.exit(run_cli(main, prog="shards"))

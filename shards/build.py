@@ -194,7 +194,7 @@ class SplitBuilder:
 
     def summary(self) -> dict:
         """Shards, counts and reasons of this split, from its done records."""
-        shards = [{k: d[k] for k in ("name", "num_samples", "sha256")} for d in self.done if d.get("name")]
+        shards = [{k: d[k] for k in ("name", "num_samples", "sha256", "bytes")} for d in self.done if d.get("name")]
         written = [pos for d in self.done for pos in d["written"]]
         rejected = [x for d in self.done for x in d["rejected"]]
         missing = [x for d in self.done for x in d["missing"]]

@@ -13,6 +13,11 @@ One fixed-header int32 member (never empty) is readable by webdataset and by DAL
 and that crashes later operators, so id lists are never stored as members of their own.
 What an id list leaves out is "rest": the manifest says, per split and label set, whether the rest
 is unknown (-1) or negative (0).
+
+``.lbl`` members are decoded in one place, :func:`decode_label_rows`, a batch at a time; the loader
+and the shard tools (:func:`decode_labels`, one member) both use it. The manifest is read in one
+place too, :func:`read_manifest`, which checks its shape and that every path it names stays inside
+the shard folder (:func:`path_inside`).
 """
 from __future__ import annotations
 
@@ -29,6 +34,10 @@ import numpy as np
 
 FORMAT_VERSION = "bgtrain-shards/1"
 HEADER = 5
+
+
+class ShardError(ValueError):
+    """A shard folder's file is unreadable or disagrees with the manifest; the message names the file."""
 
 
 @dataclass(frozen=True)
@@ -54,15 +63,90 @@ def encode_labels(labels: SampleLabels) -> bytes:
 
 def decode_labels(member: bytes | np.ndarray) -> SampleLabels:
     """Inverse of :func:`encode_labels`; accepts raw bytes or the int32 array DALI yields."""
-    arr = np.frombuffer(member, "<i4") if isinstance(member, (bytes, bytearray)) else np.asarray(member, np.int32)
-    if arr.size < HEADER:
-        raise ValueError(f"label member has {arr.size} ints, needs at least {HEADER}")
-    counts = arr[1:HEADER]
-    if arr.size != HEADER + int(counts.sum()):
-        raise ValueError(f"label member length {arr.size} does not match its header {counts.tolist()}")
-    bounds = np.cumsum(np.concatenate([[HEADER], counts]))
-    lists = [arr[bounds[i]: bounds[i + 1]].tolist() for i in range(4)]
-    return SampleLabels(int(arr[0]), *lists)
+    if isinstance(member, (bytes, bytearray)):
+        rows, lengths = pad_label_members([bytes(member)])
+    else:
+        arr = np.asarray(member, np.int32).ravel()
+        rows, lengths = arr[None, :], np.array([arr.size])
+    if lengths[0] < HEADER:
+        raise ValueError(f"label member has {max(int(lengths[0]), 0)} whole ints, needs at least {HEADER}")
+    decoded = decode_label_rows(rows, lengths)
+    if not decoded.ok[0]:
+        raise ValueError(f"label member length {int(lengths[0])} does not match its header "
+                         f"{rows[0, 1:HEADER].tolist()}")
+    return SampleLabels(int(decoded.sample_id[0]), *(ids[0][ids[0] >= 0].tolist() for ids in decoded.lists))
+
+
+@dataclass(frozen=True)
+class LabelRows:
+    """Decoded ``.lbl`` members of a batch: sample ids and -1-padded (B, L) int32 id arrays.
+
+    ``ok`` is False for a member that does not match its header (its ids are then empty and its
+    sample id -1): the caller decides whether that is an error or a corrupt sample to count.
+    """
+
+    sample_id: np.ndarray   # (B,) int64
+    obs_pos: np.ndarray
+    obs_neg: np.ndarray
+    full_pos: np.ndarray
+    full_neg: np.ndarray
+    ok: np.ndarray          # (B,) bool
+
+    @property
+    def lists(self) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        return self.obs_pos, self.obs_neg, self.full_pos, self.full_neg
+
+    def label_set(self, name: str) -> tuple[np.ndarray, np.ndarray]:
+        """(positive, negative) ids of ``name``: "observed" (what training sees) or "full"."""
+        return (self.obs_pos, self.obs_neg) if name == "observed" else (self.full_pos, self.full_neg)
+
+
+def pad_label_members(members: Sequence[bytes | None]) -> tuple[np.ndarray, np.ndarray]:
+    """Raw ``.lbl`` members -> (int32 (B, L) rows padded with -1, member lengths in ints).
+
+    A missing member (None) or one whose byte length is not a whole number of int32s gets length -1,
+    which :func:`decode_label_rows` reports as not ok.
+    """
+    arrays = [np.frombuffer(m, "<i4") if m is not None and len(m) % 4 == 0 else None for m in members]
+    width = max([HEADER] + [a.size for a in arrays if a is not None])
+    rows = np.full((len(members), width), -1, np.int32)
+    lengths = np.full(len(members), -1, np.int64)
+    for i, a in enumerate(arrays):
+        if a is not None:
+            rows[i, : a.size] = a
+            lengths[i] = a.size
+    return rows, lengths
+
+
+def decode_label_rows(lbl: np.ndarray, lengths: np.ndarray | None = None) -> LabelRows:
+    """Vectorised :func:`encode_labels` inverse over a batch of members padded with -1 (DALI's ``fn.pad``).
+
+    A row is ok when its counts are non-negative, its ids non-negative, and the ints after its last
+    id are padding (-1); with ``lengths`` (ints per member, from :func:`pad_label_members`) its length
+    must also be exactly the header's.
+    """
+    lbl = np.asarray(lbl, np.int32)
+    if lbl.ndim != 2 or lbl.shape[1] < HEADER:
+        raise ValueError(f"label members: expected (B, >= {HEADER}) int32, got shape {lbl.shape}")
+    counts = lbl[:, 1:HEADER].astype(np.int64)
+    length = HEADER + counts.sum(1)
+    col = np.arange(lbl.shape[1])
+    inside = (col >= HEADER) & (col[None, :] < length[:, None])
+    ok = (counts >= 0).all(1) & (length <= lbl.shape[1]) & (lbl[:, 0] >= 0)
+    ok &= np.where(inside, lbl >= 0, True).all(1) & np.where(col[None, :] >= length[:, None], lbl == -1, True).all(1)
+    if lengths is not None:
+        ok &= np.asarray(lengths) == length
+    counts = np.where(ok[:, None], counts, 0)
+    starts = HEADER + np.concatenate([np.zeros((len(lbl), 1), np.int64), np.cumsum(counts, 1)], 1)
+    lists = [_gather_ids(lbl, starts[:, k], counts[:, k]) for k in range(4)]
+    return LabelRows(np.where(ok, lbl[:, 0], -1).astype(np.int64), *lists, ok)
+
+
+def _gather_ids(lbl: np.ndarray, start: np.ndarray, count: np.ndarray) -> np.ndarray:
+    width = max(int(count.max(initial=0)), 1)
+    col = np.arange(width)
+    idx = np.minimum(start[:, None] + col, lbl.shape[1] - 1)
+    return np.where(col < count[:, None], np.take_along_axis(lbl, idx, 1), -1).astype(np.int32)
 
 
 def sample_key(split: str, sample_id: int) -> str:
@@ -130,7 +214,9 @@ class ShardWriter:
             os.fsync(f.fileno())
         _write_dali_index(self.path.with_suffix(".idx"), self._entries)
         os.replace(self._tmp, self.path)
-        return {"name": self.path.name, "num_samples": self._count, "sha256": sha256_file(self.path)}
+        # bytes: the loader compares it with the tar before reading (a truncated copy is caught early)
+        return {"name": self.path.name, "num_samples": self._count, "sha256": sha256_file(self.path),
+                "bytes": self.path.stat().st_size}
 
     def abort(self) -> None:
         self._tar.close()
@@ -150,16 +236,109 @@ def _write_dali_index(path: Path, entries: list) -> None:
     os.replace(tmp, path)
 
 
+@dataclass(frozen=True)
+class ShardIndex:
+    """A shard's DALI index (``.idx``): per sample its key and, per member, (data offset, size) in the tar."""
+
+    keys: tuple[str, ...]
+    members: tuple[dict[str, tuple[int, int]], ...]
+
+    def __len__(self) -> int:
+        return len(self.keys)
+
+    @property
+    def end(self) -> int:
+        """Where the last member's data ends: a tar shorter than this is truncated."""
+        return max((off + size for m in self.members for off, size in m.values()), default=0)
+
+
+def read_dali_index(path: str | os.PathLike) -> ShardIndex:
+    """Parse a ``.idx`` written by :class:`ShardWriter` or DALI's ``wds2idx`` (format v1.2)."""
+    path = Path(path)
+    try:
+        lines = path.read_text().splitlines()
+    except FileNotFoundError:
+        raise ShardError(f"{path}: index missing; rebuild the shards or run `wds2idx` (ships with DALI)") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ShardError(f"{path}: cannot read the index ({e})") from None
+    head = lines[0].split() if lines else []
+    if len(head) != 2 or head[0] != "v1.2" or not head[1].isdigit() or int(head[1]) != len(lines) - 1:
+        raise ShardError(f"{path}: not a v1.2 DALI index with as many lines as its header says")
+    keys, members = [], []
+    for n, line in enumerate(lines[1:], start=2):
+        fields = line.split()
+        try:
+            if not fields or len(fields) % 4:
+                raise ValueError("expected groups of 'ext offset size name'")
+            comps = {fields[i]: (int(fields[i + 1]), int(fields[i + 2])) for i in range(0, len(fields), 4)}
+        except ValueError as e:
+            raise ShardError(f"{path}: line {n} is not an index entry ({e})") from None
+        if any(off < 0 or size < 0 for off, size in comps.values()):
+            raise ShardError(f"{path}: line {n} has a negative offset or size")
+        keys.append(fields[3].split(".", 1)[0])
+        members.append(comps)
+    return ShardIndex(tuple(keys), tuple(members))
+
+
+def path_inside(root: str | os.PathLike, relative: str, source: str | os.PathLike) -> Path:
+    """``root / relative`` if ``relative`` stays inside ``root``; else a :class:`ShardError` naming it and ``source``.
+
+    The check is on the name (no absolute path, no ``..``), so a shard folder may still hold
+    symlinks its owner put there on purpose.
+    """
+    parts = Path(relative).parts if isinstance(relative, str) else ()
+    if not parts or Path(relative).is_absolute() or ".." in parts or "\\" in relative:
+        raise ShardError(f"{source}: path {relative!r} leaves the shard folder {root}; refusing to read it")
+    return Path(root) / relative
+
+
 def read_manifest(root: str | os.PathLike) -> dict:
-    """Load ``manifest.json`` from a shard folder with a clear error if it is missing or foreign."""
+    """Load ``manifest.json`` from a shard folder; a missing, foreign or malformed one is a clear error.
+
+    Checked here, once, for every reader: the JSON parses to an object of this format, every split
+    lists its shards with names and counts, and every path it names stays inside ``root``.
+    """
     path = Path(root) / "manifest.json"
     if not path.is_file():
         raise FileNotFoundError(f"{path}: no shard manifest here; build shards with `python -m shards build` "
                                 "or `python -m shards synthetic`")
-    manifest = json.loads(path.read_text())
+    try:
+        manifest = json.loads(path.read_text())
+    except json.JSONDecodeError as e:
+        raise ShardError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except (OSError, UnicodeDecodeError) as e:
+        raise ShardError(f"{path}: cannot read it ({e})") from None
+    if not isinstance(manifest, dict):
+        raise ShardError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
     if manifest.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT_VERSION!r}")
+    _check_manifest(manifest, Path(root), path)
     return manifest
+
+
+def _check_manifest(manifest: dict, root: Path, path: Path) -> None:
+    if not isinstance(manifest.get("classes"), list):
+        raise ShardError(f"{path}: 'classes' must be a list of class names")
+    splits = manifest.get("splits")
+    if not isinstance(splits, dict):
+        raise ShardError(f"{path}: 'splits' must map split names to their shards")
+    for split, entry in splits.items():
+        where = f"{path}: splits.{split}"
+        if not isinstance(entry, dict) or not isinstance(entry.get("shards"), list):
+            raise ShardError(f"{where}.shards must be a list of shard entries")
+        folder = path_inside(root, split, path)
+        for i, shard in enumerate(entry["shards"]):
+            if not isinstance(shard, dict) or not isinstance(shard.get("name"), str):
+                raise ShardError(f"{where}.shards[{i}] has no 'name'")
+            path_inside(folder, shard["name"], path)
+            if len(Path(shard["name"]).parts) != 1:
+                raise ShardError(f"{path}: shard name {shard['name']!r} must be a file name, not a path")
+            for key in ("num_samples", "bytes"):
+                value = shard.get(key, 0 if key == "bytes" else None)
+                if not isinstance(value, int) or isinstance(value, bool) or value < 0:
+                    raise ShardError(f"{where}.shards[{i}].{key}: expected a count >= 0, got {value!r}")
+    for name, rel in (manifest.get("index") or {}).items():
+        path_inside(root, str(rel), path)
 
 
 def write_json_atomic(path: str | os.PathLike, obj: object) -> None:

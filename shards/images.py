@@ -7,6 +7,9 @@ else (EXIF-rotated, CMYK, greyscale, PNG, too large, ...) is re-encoded once, de
 from __future__ import annotations
 
 import io
+import os
+import sys
+import tempfile
 import warnings
 
 from PIL import Image, ImageFile, ImageOps, UnidentifiedImageError
@@ -17,6 +20,41 @@ ImageFile.LOAD_TRUNCATED_IMAGES = False  # a truncated file must fail here, not 
 
 class Rejected(Exception):
     """An input that cannot go into a shard; ``str(e)`` is the reason written to rejected.jsonl."""
+
+
+def libjpeg_warnings(data: bytes) -> list[str]:
+    """What libjpeg says while fully decoding ``data``: [] for a clean JPEG.
+
+    Corrupt entropy data (zeroed or flipped scan bytes) is only a *warning* to libjpeg: PIL decodes such a
+    file to a damaged picture without a word, and DALI later dies on it. torchvision's decoder leaves
+    libjpeg's default message handler in place, which writes the warning to file descriptor 2, so stderr
+    is captured around the call; anything else written meanwhile (a progress bar) is passed on.
+    """
+    import torch
+    from torchvision.io import decode_jpeg
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")  # torchvision's deprecation note for its image codecs
+        buf = torch.frombuffer(bytearray(data), dtype=torch.uint8)
+        with tempfile.TemporaryFile() as captured:
+            sys.stderr.flush()
+            saved = os.dup(2)
+            os.dup2(captured.fileno(), 2)
+            try:
+                decode_jpeg(buf)
+                error = None
+            except RuntimeError as e:
+                error = str(e).splitlines()[0]
+            finally:
+                os.dup2(saved, 2)
+                os.close(saved)
+            captured.seek(0)
+            text = captured.read().decode("utf-8", "replace")
+    said = [line.strip() for line in text.splitlines() if "JPEG" in line or "marker" in line or "Huffman" in line]
+    rest = "".join(line + "\n" for line in text.splitlines() if line.strip() and line.strip() not in said)
+    if rest:
+        sys.stderr.write(rest)
+    return said + ([error] if error else [])
 
 
 def _orientation(im: Image.Image) -> int:
@@ -62,6 +100,8 @@ def prepare(data: bytes, max_side: int | None = None, quality: int = 90) -> tupl
         raise Rejected(f"cannot decode {fmt if 'fmt' in locals() else 'image'}: {e}") from None
     if min(size) < 1:
         raise Rejected(f"empty image of size {size}")
+    if fmt == "JPEG" and (said := libjpeg_warnings(data)):
+        raise Rejected(f"libjpeg reports: {'; '.join(said[:2])}")
 
     changes = []
     if fmt != "JPEG":
@@ -100,6 +140,9 @@ def check_jpeg(data: bytes) -> tuple[int, int]:
             if im.format != "JPEG" or im.mode != "RGB":
                 raise Rejected(f"stored image is {im.format} {im.mode}, expected an RGB JPEG")
             im.load()
-            return im.size
+            size = im.size
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise Rejected(f"cannot decode stored JPEG: {e}") from None
+    if said := libjpeg_warnings(data):
+        raise Rejected(f"libjpeg reports: {'; '.join(said[:2])}")
+    return size

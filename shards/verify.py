@@ -47,37 +47,13 @@ def verify(root: Path, decode: bool = True) -> list[str]:
                     continue
                 if sha256_file(tar) != sh["sha256"]:
                     errors.append(f"{tar}: sha256 differs from manifest.json")
-                idx = tar.with_suffix(".idx")
-                if not idx.is_file() or idx.read_text() != dali_index(tar):
-                    errors.append(f"{idx}: missing or not what wds2idx would write")
-                count = 0
-                for key, members in read_samples(tar):
-                    where = f"{tar}:{key}"
-                    if set(members) != {"jpg", "lbl", "json"}:
-                        errors.append(f"{where}: members {sorted(members)}, expected jpg, lbl, json")
-                        continue
-                    try:
-                        lab = decode_labels(members["lbl"])
-                    except ValueError as e:
-                        errors.append(f"{where}: bad .lbl: {e}")
-                        continue
-                    if lab.sample_id != next_id or key != sample_key(split, next_id):
-                        errors.append(f"{where}: sample id {lab.sample_id}, expected {next_id}")
-                    ids = [*lab.obs_pos, *lab.obs_neg, *lab.full_pos, *lab.full_neg]
-                    if ids and max(ids) >= len(classes):
-                        errors.append(f"{where}: class id {max(ids)} >= {len(classes)} classes")
-                    meta = json.loads(members["json"])
-                    if meta["full"]["pos"] != [classes[i] for i in lab.full_pos if i < len(classes)]:
-                        errors.append(f"{where}: .json labels differ from .lbl")
-                    if decode:
-                        try:
-                            check_jpeg(members["jpg"])
-                        except Rejected as e:
-                            errors.append(f"{where}: {e}")
-                    labels.append(lab)
-                    next_id += 1
-                    count += 1
-                    progress.advance(bar)
+                try:
+                    count = _check_tar(tar, split, sh, classes, decode, next_id, labels, errors, progress, bar)
+                except (tarfile.TarError, OSError, EOFError) as e:  # truncated or damaged: name it, go on
+                    errors.append(f"{tar}: unreadable tar ({e}); rebuild it (python -m shards build resumes)")
+                    next_id += sh["num_samples"]  # keep the ids of the following tars aligned
+                    continue
+                next_id += count
                 if count != sh["num_samples"]:
                     errors.append(f"{tar}: {count} samples, manifest says {sh['num_samples']}")
             if next_id != info["num_samples"]:
@@ -92,3 +68,39 @@ def verify(root: Path, decode: bool = True) -> list[str]:
             errors.append(f"split {split}: {c['written']} written but {manifest['splits'][split]['num_samples']} "
                           "in shards")
     return errors
+
+
+def _check_tar(tar: Path, split: str, sh: dict, classes: list[str], decode: bool, next_id: int, labels: list,
+               errors: list[str], progress, bar) -> int:
+    """Check one tar's index and samples (ids from ``next_id``); returns how many samples it holds."""
+    idx = tar.with_suffix(".idx")
+    if not idx.is_file() or idx.read_text() != dali_index(tar):
+        errors.append(f"{idx}: missing or not what wds2idx would write")
+    count = 0
+    for key, members in read_samples(tar):
+        where, expected = f"{tar}:{key}", next_id + count
+        if set(members) != {"jpg", "lbl", "json"}:
+            errors.append(f"{where}: members {sorted(members)}, expected jpg, lbl, json")
+            continue
+        try:
+            lab = decode_labels(members["lbl"])
+        except ValueError as e:
+            errors.append(f"{where}: bad .lbl: {e}")
+            continue
+        if lab.sample_id != expected or key != sample_key(split, expected):
+            errors.append(f"{where}: sample id {lab.sample_id}, expected {expected}")
+        ids = [*lab.obs_pos, *lab.obs_neg, *lab.full_pos, *lab.full_neg]
+        if ids and max(ids) >= len(classes):
+            errors.append(f"{where}: class id {max(ids)} >= {len(classes)} classes")
+        meta = json.loads(members["json"])
+        if meta["full"]["pos"] != [classes[i] for i in lab.full_pos if i < len(classes)]:
+            errors.append(f"{where}: .json labels differ from .lbl")
+        if decode:
+            try:
+                check_jpeg(members["jpg"])
+            except Rejected as e:
+                errors.append(f"{where}: {e}")
+        labels.append(lab)
+        count += 1
+        progress.advance(bar)
+    return count

@@ -16,9 +16,9 @@ import pytest
 import torch
 
 from bgtrain.data import build_loader
-from bgtrain.data.common import IMAGENET_STD, id_lists_from_lbl
+from bgtrain.data.common import IMAGENET_STD
 from bgtrain.distributed import WorldInfo
-from shards.format import decode_labels
+from shards.format import decode_label_rows, decode_labels
 from test_data import CPU, data_cfg, epoch_ids
 
 pytest.importorskip("nvidia.dali", reason="nvidia-dali is not installed (requirements.txt)")
@@ -121,7 +121,9 @@ def test_vectorised_label_decoding_matches_the_shard_format(smoke_shards):
     width = max(len(m) for m in members)
     padded = np.stack([np.pad(m, (0, width - len(m)), constant_values=-1) for m in members])
     for label_set in ("observed", "full"):
-        ids, pos, neg = id_lists_from_lbl(padded, label_set)
+        rows = decode_label_rows(padded)
+        assert rows.ok.all()
+        ids, (pos, neg) = rows.sample_id, rows.label_set(label_set)
         for i, member in enumerate(members):
             lab = decode_labels(member.tobytes())
             want_pos, want_neg = (lab.obs_pos, lab.obs_neg) if label_set == "observed" else (lab.full_pos, lab.full_neg)
@@ -130,8 +132,7 @@ def test_vectorised_label_decoding_matches_the_shard_format(smoke_shards):
             assert neg[i][neg[i] >= 0].tolist() == list(want_neg)
     broken = padded.copy()
     broken[0, 1] = width  # header claims more ids than the member holds
-    with pytest.raises(ValueError, match="does not match its header"):
-        id_lists_from_lbl(broken, "observed")
+    assert decode_label_rows(broken).ok.tolist() == [False] + [True] * (len(members) - 1)
 
 
 def _jpegs(smoke_shards, n=6) -> list[bytes]:
@@ -176,3 +177,34 @@ def test_dali_mixed_and_webdataset_gpu_decode_on_cuda(smoke_shards):
             assert batch.image.is_contiguous(memory_format=torch.channels_last)
             seen += batch.sample_id[batch.valid].tolist()
         assert sorted(seen) == list(range(200)), cfg.backend
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_dali_and_webdataset_give_each_rank_the_same_samples(smoke_shards, world):
+    """Both backends read the plan's rank ranges: the same sample set per rank, the same step count."""
+    dali, dali_counts = epoch_ids(dali_cfg(smoke_shards), world, epoch=2)
+    wds, wds_counts = epoch_ids(data_cfg(smoke_shards), world, epoch=2)
+    assert [sorted(r) for r in dali] == [sorted(r) for r in wds]
+    assert dali_counts == wds_counts
+
+
+def test_dali_batches_put_valid_rows_first_and_count_padding(smoke_shards):
+    loader = build_loader(dali_cfg(smoke_shards), "train", WorldInfo(1, 3), CPU, train=True, seed=0)
+    loader.set_epoch(1)
+    plan = loader.plan()
+    batches = list(loader)
+    for b, rows in zip(batches, plan.rows[1]):
+        assert b.num_valid == rows and b.valid[:rows].all() and not b.valid[rows:].any()
+        assert b.step_has_data
+    assert loader.counts() == {"samples": 67, "corrupt": 0, "padding": 9 * 8 - 67}
+
+
+def test_dali_failure_names_the_shard_and_sample(tmp_path, smoke_shards):
+    from shards.format import ShardError
+    from test_data import _shard_with_a_bad_sample
+    tar = _shard_with_a_bad_sample(tmp_path, smoke_shards, n=40, bad=21)
+    loader = build_loader(dali_cfg(tmp_path, batch_size=4), "train", WorldInfo(), CPU, train=True, seed=0)
+    with pytest.raises(ShardError) as err:
+        list(loader)
+    message = str(err.value)
+    assert message.startswith(str(tar)) and "train_000000021" in message and "\n" not in message

@@ -11,6 +11,8 @@ import torch
 
 from tests.conftest import REPO, free_port
 
+pytestmark = pytest.mark.distributed  # torchrun / Slurm / several processes: not in `make test-fast`
+
 
 def train(out: Path, shards: Path, *overrides: str) -> subprocess.CompletedProcess:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--nnodes=1", "--nproc_per_node=2", "--max-restarts=2",

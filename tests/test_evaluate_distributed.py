@@ -69,6 +69,7 @@ def test_class_blocks_are_contiguous_and_uneven():
 @pytest.mark.flaky(reruns=2, reason="gloo's loopback connect occasionally stalls in this sandbox; the retry starts fresh processes")
 @pytest.mark.timeout(180)
 @pytest.mark.parametrize("world", [1, 2, 3])
+@pytest.mark.distributed
 def test_sharded_ap_identical_to_single_process(world, tmp_path):
     mp.spawn(_worker, args=(world, free_port(), str(tmp_path)), nprocs=world, join=True)
     for rank in range(world):

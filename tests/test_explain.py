@@ -16,8 +16,9 @@ import torch
 from PIL import Image
 
 from bgtrain.checkpoint import load_model_for_eval
-from bgtrain.explain import choose_classes, jet, main
-from bgtrain.explain_gap import average_ranks, pair_statistics, spearman_rows, summarise, tail_count, tail_means
+from bgtrain.explain.__main__ import main
+from bgtrain.explain.overlay import choose_classes, jet
+from bgtrain.explain.gap import average_ranks, pair_statistics, spearman_rows, summarise, tail_count, tail_means
 
 REPO = Path(__file__).resolve().parents[1]
 SIZE = 64

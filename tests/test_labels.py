@@ -1,4 +1,4 @@
-"""Label rules of DESIGN.md ("Label encoding", "Training recipe"): COLE's single positive and split, Durand's
+"""Label rules of docs/design.md ("Label encoding", "Training recipe"): COLE's single positive and split, Durand's
 partial labels, dense rows, and the LL-Cp correction store (single process and a real 2-rank gloo world).
 
 Every reference here is written out from the published procedure, not taken from bgtrain.
@@ -242,6 +242,7 @@ def _two_rank_worker(rank: int, port: int, out_dir: str) -> None:
 
 
 @pytest.mark.flaky(reruns=2, reason="gloo's loopback connect occasionally stalls in this sandbox; the retry starts fresh processes")
+@pytest.mark.distributed
 def test_correction_store_reaches_every_rank_and_checkpoint_keeps_all(tmp_path) -> None:
     mp.spawn(_two_rank_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)

@@ -1,4 +1,4 @@
-"""Loss rules of DESIGN.md ("Large-loss schemes", "Baselines"), each compared with a reference written out here.
+"""Loss rules of docs/design.md ("Large-loss schemes", "Baselines"), each compared with a reference written out here.
 
 The references work in float64 with the textbook formulas (-log p, -log(1-p)), drop padded rows before computing, and
 select large losses by sorting a Python list, so they share no code path with bgtrain.losses.
@@ -26,7 +26,7 @@ PAPER_DELTA = {"LL-R": 0.005, "LL-Ct": 0.002, "LL-Cp": 0.001}
 LL_SCHEMES = ("LL-R", "LL-Ct", "LL-Cp")
 
 
-# --- reference large-loss rule, written out from DESIGN.md ---
+# --- reference large-loss rule, written out from docs/design.md ---
 
 def ref_k(scheme: str, b: int, c: int, epoch: int, delta: float) -> int:
     if epoch == 1:
@@ -377,3 +377,26 @@ def test_build_criterion_uses_the_papers_baseline_settings() -> None:
         got = build_criterion(LossConfig(scheme="EPR"), dataset)(logits, labels, 1)
         torch.testing.assert_close(got.loss.double(), ref, rtol=1e-6, atol=1e-7)
         assert not got.selected.any()
+
+
+@pytest.mark.parametrize("scheme", ["full", "AN", "LL-R", "LL-Ct", "LL-Cp", "LS", "ASL", "EPR", "EM", "EM-APL", "ROLE"])
+def test_every_loss_keeps_float64_and_upcasts_half_precision(scheme: str) -> None:
+    """float64 logits give a float64 loss equal to a float64 reference; bf16/fp16 logits compute in float32."""
+    from bgtrain.losses import bce
+    g = torch.Generator().manual_seed(7)
+    logits = torch.randn(6, 5, generator=g, dtype=torch.float64) * 3
+    labels = torch.randint(-1, 2, (6, 5), generator=g).to(torch.int8)
+    ids = torch.arange(6)
+    kwargs = {"num_samples": 6, "num_classes": 5} if scheme in ("ROLE", "EM-APL") else {}
+    crit = build_criterion(LossConfig(scheme=scheme), "voc", **kwargs)
+    assert crit(logits, labels, 2, None, ids).loss.dtype == torch.float64
+    for half in (torch.bfloat16, torch.float16):
+        assert crit(logits.to(half), labels, 2, None, ids).loss.dtype == torch.float32
+    # bce itself: float64 in, float64 out, and equal to the textbook formula in float64
+    p = torch.sigmoid(logits)
+    target = (labels == 1).double()
+    reference = -(target * torch.log(p) + (1 - target) * torch.log(1 - p))
+    got = bce(logits, labels == 1)
+    assert got.dtype == torch.float64
+    torch.testing.assert_close(got, reference, rtol=1e-12, atol=1e-12)
+    assert bce(logits.half(), labels == 1).dtype == torch.float32

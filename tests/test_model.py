@@ -1,4 +1,4 @@
-"""Model rules of DESIGN.md ("Model"): CamResNet is torchvision's ResNet with the fc moved before pooling, BoostLU on
+"""Model rules of docs/design.md ("Model"): CamResNet is torchvision's ResNet with fc moved before pooling, BoostLU on
 the CAM, GAP, and a train/eval alpha switch. References are torchvision's own models and formulas written out here.
 """
 from __future__ import annotations

@@ -11,7 +11,7 @@ import torch
 from bgtrain.ops import dispatch, extension, library, reference
 
 ALPHA = 5.0
-NO_GPU = "no CUDA device visible: the CUDA kernels can only be checked on a GPU (python -m bgtrain.ops.gpu_check)"
+NO_GPU = "no CUDA device visible: the CUDA kernels can only be checked on a GPU (python -m bgtrain.gpu_check)"
 
 
 def _cam(shape, dtype=torch.float32, channels_last=False, seed=0):
@@ -212,7 +212,7 @@ def test_bench_cli_prints_json_rows_and_summary(cpu_ext, capsys):
 
 
 def test_hbm_floor_matches_design_figure():
-    # DESIGN.md: BoostLU+GAP fwd+bwd at 64x5000x14x14 bf16 has an HBM floor of about 78 us on an H200 (4.8e12 B/s).
+    # docs/design.md: BoostLU+GAP fwd+bwd at 64x5000x14x14 bf16 has an HBM floor of about 78 us on an H200 (4.8e12 B/s).
     from bgtrain.bench.boostlu import floor_bytes
 
     assert floor_bytes((64, 5000, 14, 14), torch.bfloat16, "fwd+bwd") / 4.8e12 * 1e6 == pytest.approx(78, abs=1)
@@ -239,7 +239,7 @@ def test_cuda_sources_compile_and_link_for_sm80_and_sm90(tmp_path):
 @pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16, torch.float16])
 @pytest.mark.parametrize("shape", [(4, 37, 14, 14), (3, 70, 20, 20), (64, 500, 14, 14), (2, 33, 7, 7)])
 def test_gpu_extension_matches_reference(shape, dtype, channels_last):
-    from bgtrain.ops.gpu_check import check_case
+    from bgtrain.gpu_check import check_case
 
     row = check_case(shape, dtype, channels_last, "cuda")
     assert row["ok"], row
@@ -247,7 +247,7 @@ def test_gpu_extension_matches_reference(shape, dtype, channels_last):
 
 @pytest.mark.skipif(not torch.cuda.is_available(), reason=NO_GPU)
 def test_gpu_torch_compile_through_the_extension(monkeypatch):
-    from bgtrain.ops.gpu_check import check_compile
+    from bgtrain.gpu_check import check_compile
 
     monkeypatch.setenv(dispatch.ENV_VAR, "cuda")
     torch._dynamo.reset()

@@ -43,6 +43,7 @@ def shards(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.mark.distributed
 def test_two_process_torchrun_all_reduce_passes(shards: Path, tmp_path: Path) -> None:
     cmd = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node=2", "-m",
            "cluster.preflight", "--timeout", "60", "--shards", str(shards), "--checkpoint-dir", str(tmp_path / "ck"),

@@ -19,8 +19,9 @@ import torch.multiprocessing as mp
 
 from bgtrain.config import LossConfig, load_config
 from bgtrain.losses import build_criterion, entropy_maximisation
-from bgtrain.pseudo_labels import (NO_TARGET, EmAplCriterion, RoleCriterion, SoftNegativeStore, em_apl_loss,
-                                   em_apl_params, role_loss)
+from bgtrain.losses.defaults import em_apl_params
+from bgtrain.losses.em_apl import NO_TARGET, EmAplCriterion, SoftNegativeStore, em_apl_loss
+from bgtrain.losses.role import RoleCriterion, role_loss
 from tests.conftest import join_gloo_group
 
 REPO = Path(__file__).resolve().parents[1]
@@ -309,6 +310,7 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
 
 @pytest.mark.flaky(reruns=2, reason="gloo's loopback connect occasionally stalls in this sandbox; the retry starts fresh processes")
 @pytest.mark.timeout(120)
+@pytest.mark.distributed
 def test_two_gloo_ranks_agree_with_one_process(tmp_path):
     mp.spawn(_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
     ranks = [torch.load(tmp_path / f"rank{r}.pt", weights_only=True) for r in range(2)]
@@ -351,6 +353,7 @@ def test_two_gloo_ranks_agree_with_one_process(tmp_path):
 
 # -------------------------------------------------------------------------------------- end to end
 @pytest.mark.slow
+@pytest.mark.distributed
 @pytest.mark.timeout(300)
 def test_short_training_run_per_scheme_writes_results(smoke_shards, tmp_path):
     env = {**os.environ, "OMP_NUM_THREADS": "1"}

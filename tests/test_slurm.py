@@ -15,6 +15,7 @@ from cluster.local_slurm import SlurmUnavailable, down, is_running, up
 from cluster.slurm_config import ClusterError, ClusterSpec, slurm_env
 
 REPO = Path(__file__).resolve().parents[1]
+pytestmark = pytest.mark.distributed  # torchrun / Slurm / several processes: not in `make test-fast`
 
 
 def free_base_port(count: int) -> int:

@@ -15,7 +15,10 @@ import torch
 
 from tests.conftest import REPO, free_port
 
-STEPS_PER_EPOCH = 8  # 200 samples in shards of 60/60/60/20, 2 ranks x 2 workers, batch 16
+pytestmark = pytest.mark.distributed  # torchrun / Slurm / several processes: not in `make test-fast`
+
+STEPS_PER_EPOCH = 7  # ceil(200 / (2 ranks x batch 16)): the epoch plan cuts whole batches (bgtrain.data.plan)
+MID_EPOCH_2 = 9  # a checkpoint.every_steps=3 checkpoint inside epoch 2 (steps 8-14)
 
 
 def torchrun_cmd(out: Path, shards: Path, extra: list[str] = (), max_restarts: int = 3) -> list[str]:
@@ -83,7 +86,7 @@ def test_sigkill_of_one_rank_mid_epoch_restarts_and_matches_uninterrupted(smoke_
     out = tmp_path / "killed"
     proc = subprocess.Popen(torchrun_cmd(out, smoke_shards), cwd=REPO,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for_checkpoint(out, STEPS_PER_EPOCH + 1, proc)  # mid-epoch 2
+    _wait_for_checkpoint(out, MID_EPOCH_2, proc)
     victim = next(w for w in _workers(proc) if w.environ().get("LOCAL_RANK") == "1")
     victim.send_signal(signal.SIGKILL)
     log, _ = proc.communicate(timeout=1200)
@@ -96,7 +99,7 @@ def test_stop_signal_then_resume_latest_matches_uninterrupted(smoke_shards, tmp_
     out = tmp_path / "stopped"
     proc = subprocess.Popen(torchrun_cmd(out, smoke_shards), cwd=REPO, stdout=subprocess.PIPE,
                             stderr=subprocess.STDOUT, text=True)
-    _wait_for_checkpoint(out, STEPS_PER_EPOCH + 1, proc)
+    _wait_for_checkpoint(out, MID_EPOCH_2, proc)
     for worker in _workers(proc):
         worker.send_signal(signal.SIGUSR1)
     log, _ = proc.communicate(timeout=1200)

@@ -1,1 +1,1 @@
-"""Benchmarks: ``python -m bgtrain.bench {evaluate,loader,boostlu}``; each prints JSON lines."""
+"""Benchmarks: ``python -m bgtrain.bench {evaluate,loader,boostlu,train}``; each prints JSON lines."""

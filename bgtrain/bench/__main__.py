@@ -14,6 +14,7 @@ SUBCOMMANDS = {
     "evaluate": "bgtrain.bench.evaluate",
     "boostlu": "bgtrain.bench.boostlu",
     "loader": "bgtrain.bench.loader",
+    "train": "bgtrain.bench.train",
 }
 
 
@@ -26,6 +27,8 @@ def main(argv: Sequence[str] | None = None) -> int:
               "each subcommand has its own --help")
         return 0 if argv else 2
     name, rest = argv[0], argv[1:]
+    from bgtrain.process_env import prefer_huge_pages
+    prefer_huge_pages()  # before the benchmark imports torch (moved here from bgtrain/__init__.py)
     if name not in SUBCOMMANDS:
         print(f"unknown benchmark {name!r}; choose one of {sorted(SUBCOMMANDS)}", file=sys.stderr)
         return 2
@@ -42,4 +45,6 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    from bgtrain.cli import run_cli
+
+    sys.exit(run_cli(main, prog="bgtrain.bench"))

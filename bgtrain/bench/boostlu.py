@@ -3,7 +3,7 @@
 Prints one JSON line per (shape, dtype, implementation, pass) and a last JSON line with the speedups.
 
 The HBM floor is the time to move the bytes a kernel that keeps the CAM for backward must move, at the GPU's peak
-bandwidth (H100 SXM 3.35e12 B/s, H200 4.8e12 B/s; DESIGN.md's ~78 us for 64x5000x14x14 bf16 on an H200):
+bandwidth (H100 SXM 3.35e12 B/s, H200 4.8e12 B/s; docs/design.md's ~78 us for 64x5000x14x14 bf16 on an H200):
 fwd reads the CAM and writes the logits; fwd+bwd also reads the CAM again and the logit gradient, and writes the
 CAM gradient. The extension keeps a 1-bit mask instead, so it can go below this floor (ratio < 1).
 """

@@ -22,14 +22,14 @@ import tarfile
 import tempfile
 import time
 from pathlib import Path
-from typing import Iterable, Sequence
+from typing import Iterable, Iterator, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from bgtrain.config import DataConfig
-from bgtrain.data import build_loader
+from bgtrain.data import Batch, Loader, build_loader
 from bgtrain.data.common import IMAGENET_MEAN, IMAGENET_STD, split_info
 from bgtrain.distributed import WorldInfo
 from shards.format import decode_labels
@@ -88,9 +88,8 @@ def _timed(batches: Iterable, n: int, batch_size: int) -> dict:
     return {"img_per_s": round(n * batch_size / seconds, 1), "seconds": round(seconds, 3)}
 
 
-def _endless_loader(cfg: DataConfig, split: str):
-    """Batches of our loader across as many epochs as needed."""
-    loader = build_loader(cfg, split, WorldInfo(), torch.device("cpu"), train=True, seed=0)
+def endless(loader: Loader) -> Iterator[Batch]:
+    """Batches of ``loader`` across as many epochs as needed (closing the generator ends its workers)."""
     epoch = 1
     while True:
         loader.set_epoch(epoch)
@@ -127,7 +126,7 @@ def run(shards: Path, backends: Sequence[str], batches: int, batch_size: int, wo
             else:
                 cfg = DataConfig(shards=str(shards), backend=backend, image_size=image_size, batch_size=batch_size,
                                  workers=workers, shuffle_buffer=min(256, info.num_samples))
-                stream = _endless_loader(cfg, split)
+                stream = endless(build_loader(cfg, split, WorldInfo(), torch.device("cpu"), train=True, seed=0))
             rec = {"backend": backend, **_timed(stream, batches, batch_size), "batches": batches,
                    "batch_size": batch_size, "workers": workers, "image_size": image_size,
                    "epochs_wrapped": need > info.num_samples}

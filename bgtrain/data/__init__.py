@@ -1,28 +1,48 @@
 """The one entry point to training and evaluation data: :func:`build_loader`.
 
-Backends (``data.backend``) differ only in how they turn shards into raw batches; the epoch plan,
-label rows, normalisation and LL-Cp corrections are shared and happen here, on the device.
+Backends (``data.backend``) differ only in how they turn shards into raw batches
+(:class:`~bgtrain.data.backend.Backend`); the epoch plan (:mod:`bgtrain.data.plan`), label rows, the
+valid-rows-first order, normalisation and the counts of what was skipped are shared and happen here.
+
+Counting: :meth:`Loader.counts` gives the current pass's samples read, corrupt (unreadable or
+undecodable, invalid) samples and padding rows. ``data.max_corrupt_fraction`` bounds corrupt samples
+per pass and rank: once more than that fraction of the rank's planned samples for the pass has
+been corrupt, the pass stops with one line naming the shard with the most corrupt samples. The
+denominator is the whole pass, so an unlucky first batch does not stop a run that stays under it.
 """
 from __future__ import annotations
 
+from collections import Counter
 from dataclasses import dataclass
-from typing import Iterator
+from typing import Callable, Iterator
 
 import torch
 
 from bgtrain.config import DataConfig
-from bgtrain.data.common import EpochPlan, StreamPlan, flip_mask, normalise, plan_epoch, plan_stream, split_info
+from bgtrain.data.backend import Backend, RawBatch
+from bgtrain.data.common import flip_mask, normalise, split_info
+from bgtrain.data.dali import DaliBackend
+from bgtrain.data.plan import EpochPlan, plan_epoch
+from bgtrain.data.wds import WebDatasetBackend
 from bgtrain.distributed import WorldInfo
 from bgtrain.labels import rows_from_padded
+from shards.format import ShardError, sample_key
 
 
 @dataclass
 class Batch:
+    """One rank's batch on the device; the valid rows come first."""
+
     image: torch.Tensor      # (B, 3, H, W) normalised, on the device
     labels: torch.Tensor     # (B, C) signed int8, on the device
     sample_id: torch.Tensor  # (B,) ids within the split; -1 for placeholders
-    valid: torch.Tensor      # (B,) False for padding and corrupt samples
-    corrupt: int             # samples of this batch that failed to decode
+    valid: torch.Tensor      # (B,) False for padding and corrupt samples; True exactly on rows [0, num_valid)
+    num_valid: int           # host-side: the first num_valid rows are the valid ones (no device sync)
+    step_has_data: bool      # host-side, same on every rank: False iff no rank has a real sample at this step
+
+
+# data.backend -> the backend; DALI itself is imported only when its pipeline is built.
+BACKENDS: dict[str, Callable[["Loader"], Backend]] = {"webdataset": WebDatasetBackend, "dali": DaliBackend}
 
 
 class Loader:
@@ -37,7 +57,12 @@ class Loader:
         self.batch_size = cfg.batch_size if train else cfg.eval_batch_size
         if cfg.decode == "gpu" and device.type != "cuda":
             raise ValueError("data.decode=gpu needs a CUDA device; use data.decode=cpu on this machine")
+        self.backend = BACKENDS[cfg.backend](self)
         self.epoch, self.batches_done = 1, 0
+        self._plan: tuple[int, EpochPlan] | None = None
+        self._counts: Counter[str] = Counter()
+        self._corrupt_by_shard: Counter[str] = Counter()
+        self._examples: dict[str, str] = {}
 
     @property
     def num_classes(self) -> int:
@@ -45,66 +70,92 @@ class Loader:
 
     def set_epoch(self, epoch: int, batches_done: int = 0) -> None:
         self.epoch, self.batches_done = epoch, batches_done
+        self._reset_counts()
 
-    def _plan(self) -> EpochPlan | StreamPlan:
+    def plan(self) -> EpochPlan:
+        """This epoch's plan, the same on every rank (computed once per epoch)."""
         if self.cfg.resampled and self.train and not self.cfg.epoch_samples:
             raise ValueError("data.epoch_samples: is required when data.resampled is true")
-        nominal = self.cfg.epoch_samples if self.cfg.resampled and self.train else None
-        if self.cfg.backend == "dali":
-            return plan_stream(self.info, self.seed, self.epoch, self.world.world_size, self.batch_size,
-                               shuffle=self.train, epoch_samples=nominal)
-        return plan_epoch(self.info, self.seed, self.epoch, self.world.world_size, self.cfg.workers,
-                          self.batch_size, shuffle=self.train, epoch_samples=nominal)
+        if self._plan is None or self._plan[0] != self.epoch:
+            nominal = self.cfg.epoch_samples if self.cfg.resampled and self.train else None
+            self._plan = (self.epoch, plan_epoch(
+                self.info, self.seed, self.epoch, self.world.world_size, self.backend.slots_per_rank(),
+                self.batch_size, shuffle=self.train, epoch_samples=nominal, pad_at_end=self.backend.pad_at_end()))
+        return self._plan[1]
 
     def __len__(self) -> int:
-        n = self._plan().batches_per_rank
+        n = self.plan().steps_per_epoch
         return min(n, self.cfg.max_batches) if self.cfg.max_batches and self.train else n
 
     def state_dict(self) -> dict:
         return {"epoch": self.epoch, "batches_done": self.batches_done}
 
+    def counts(self) -> dict[str, int]:
+        """This pass's samples read from shards, corrupt ones among them (invalid) and padding rows."""
+        return {k: self._counts[k] for k in ("samples", "corrupt", "padding")}
+
+    def _reset_counts(self) -> None:
+        self._counts.clear()
+        self._corrupt_by_shard.clear()
+        self._examples.clear()
+
     def __iter__(self) -> Iterator[Batch]:
-        plan = self._plan()
+        plan = self.plan()
         total = len(self)
-        if self.cfg.backend == "dali":
-            from bgtrain.data.dali import dali_raw_batches
-            raw = dali_raw_batches(self, plan)
-        else:
-            raw = self._webdataset_batches(plan)
+        self._reset_counts()
+        limit = self.cfg.max_corrupt_fraction * plan.rank_samples(self.world.rank, total)
+        raw = self.backend.raw_batches(plan, self.batches_done)
         for step, item in enumerate(raw, start=self.batches_done):
             if step >= total:
                 break
             self.batches_done = step + 1
-            yield self._finish(item)
+            batch = self._finish(item, plan.step_has_data(step))
+            if self._counts["corrupt"] > limit:
+                raise ShardError(self._too_corrupt(plan, total))
+            yield batch
 
-    def _webdataset_batches(self, plan) -> Iterator[dict]:
-        from bgtrain.data.wds import WebDatasetStream
-        stream = WebDatasetStream(self.info, plan, self.world.rank, self.seed, self.epoch, self.cfg.image_size,
-                                  self.cfg.flip and self.train, self.cfg.shuffle_buffer if self.train else 1,
-                                  self.batches_done, decode=self.cfg.decode == "cpu")
-        return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=self.cfg.workers,
-                                                pin_memory=self.device.type == "cuda"))
+    def _too_corrupt(self, plan: EpochPlan, total: int) -> str:
+        shard, n = self._corrupt_by_shard.most_common(1)[0]
+        return (f"{shard}: {n} corrupt samples (e.g. {self._examples[shard]}); {self._counts['corrupt']} of this "
+                f"pass's {plan.rank_samples(self.world.rank, total)} samples on rank {self.world.rank} are corrupt, "
+                f"more than data.max_corrupt_fraction={self.cfg.max_corrupt_fraction}; check the shards with "
+                "`python -m shards verify`")
 
-    def _finish(self, raw: dict) -> Batch:
-        images, valid, corrupt = raw["image"], raw["valid"], int(raw["corrupt"])
-        if self.cfg.decode == "gpu" and self.cfg.backend == "webdataset":
-            from bgtrain.data.gpu_decode import decode_resize
-            images, decoded = decode_resize(images, self)
-            # A JPEG that nvJPEG rejects is a corrupt sample like one PIL rejects: invalid and counted.
-            failed = ~decoded & (raw["sample_id"] >= 0)
-            valid, corrupt = valid & decoded, corrupt + int(failed.sum())
-        # WebDataset workers mirror while decoding with PIL; the other paths mirror here, in the one
-        # pass that converts the batch to float, with the same (seed, epoch, sample) rule.
+    def _finish(self, raw: RawBatch, step_has_data: bool) -> Batch:
+        images, decoded = self.backend.images(raw)
+        # A JPEG that nvJPEG rejects is a corrupt sample like one PIL rejects: invalid and counted.
+        failed = (~decoded & raw.valid).nonzero().flatten().tolist()
+        corrupt = raw.corrupt + [(str(self.info.shard_paths[self.info.shard_of(sid)]), sample_key(self.info.split, sid))
+                                 for sid in raw.sample_id[failed].tolist()]
+        valid = raw.valid & decoded
+        self._count(raw, corrupt)
+        # Valid rows first, stably, decided on the host: engines can slice [:num_valid] without a sync.
+        order = torch.argsort((~valid).to(torch.int8), stable=True)
+        reorder = not bool(valid[: int(valid.sum())].all())
+        take = (lambda t: t[order.to(t.device)]) if reorder else (lambda t: t)
+        sample_id, valid = take(raw.sample_id), take(valid)
+        # PIL mirrors in the worker; the other paths mirror here, in the one pass that converts the
+        # batch to float, with the same (seed, epoch, sample) rule.
         flip = None
-        if self.cfg.flip and self.train and (self.cfg.backend == "dali" or self.cfg.decode == "gpu"):
-            flip = flip_mask(raw["sample_id"], self.seed, self.epoch)
+        if self.cfg.flip and self.train and not raw.mirrored:
+            flip = flip_mask(sample_id, self.seed, self.epoch)
         return Batch(
-            image=normalise(images, self.device, self.dtype, self.channels_last, flip),
-            labels=rows_from_padded(raw["pos"], raw["neg"], self.info.num_classes, self.info.rest, self.device),
-            sample_id=raw["sample_id"].to(self.device),
-            valid=valid.to(self.device),
-            corrupt=corrupt,
+            image=normalise(take(images), self.device, self.dtype, self.channels_last, flip),
+            labels=rows_from_padded(take(raw.pos), take(raw.neg), self.info.num_classes, self.info.rest, self.device),
+            # non_blocking: a blocking host-to-GPU copy waits for the queued training step (a host sync per batch)
+            sample_id=sample_id.to(self.device, non_blocking=True),
+            valid=valid.to(self.device, non_blocking=True),
+            num_valid=int(valid.sum()),
+            step_has_data=step_has_data,
         )
+
+    def _count(self, raw: RawBatch, corrupt: list[tuple[str, str]]) -> None:
+        self._counts["samples"] += raw.real
+        self._counts["padding"] += len(raw.valid) - raw.real
+        self._counts["corrupt"] += len(corrupt)
+        for shard, key in corrupt:
+            self._corrupt_by_shard[shard] += 1
+            self._examples.setdefault(shard, key)
 
 
 def build_loader(cfg: DataConfig, split: str, world: WorldInfo, device: torch.device, train: bool, seed: int,

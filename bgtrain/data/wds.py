@@ -1,54 +1,37 @@
-"""WebDataset backend: tar streaming with webdataset's iterators, PIL (or nvJPEG) decoding.
+"""WebDataset backend: each worker reads its slot's range of tar shards through their DALI index, decodes with PIL.
 
-Each DataLoader worker reads the units the epoch plan gives its slot, mixes them in a seeded shuffle
-buffer, pads its stream to the plan's batch count, skips what a resumed epoch already consumed
-(without decoding it), and decodes the rest. A sample that fails to decode is replaced by an invalid
-placeholder, counted and logged, so batch counts never change and DDP never hangs.
+Each DataLoader worker is one slot of the epoch plan (:mod:`bgtrain.data.plan`): one contiguous range
+of the epoch's shard sequence, cut into the plan's batches. It opens each shard of its range at the
+first sample it needs by seeking with the shard's ``.idx`` (checked against the manifest and the tar's
+size first), and reads only the ``.jpg`` and ``.lbl`` members: nothing is read twice and no byte is
+read only to be skipped.
+
+Order: a seeded shuffle buffer mixes the slot's sample *positions*, so the order is known before any
+byte is read. A resumed epoch drops the positions already consumed and reads only the rest, in the
+same order as an uninterrupted run, holding at most about a buffer of samples in memory.
+
+A sample that fails to read or decode (or whose labels are broken) becomes an invalid row named in
+the batch's ``corrupt`` list; batch counts never change, so DDP never hangs. With ``data.decode: gpu``
+the worker ships JPEG bytes and :mod:`bgtrain.data.gpu_decode` decodes the batch on the device.
 """
 from __future__ import annotations
 
 import io
-import logging
-from typing import Iterator
+from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
-from webdataset.tariterators import group_by_keys, tar_file_iterator
 
-from bgtrain.data.common import EpochPlan, SplitInfo, Unit, flip_decision, skipped_batches
-from bgtrain.labels import pad_id_lists
-from shards.format import decode_labels
+from bgtrain.data.backend import RawBatch
+from bgtrain.data.common import SplitInfo, flip_decision, usable_labels
+from bgtrain.data.plan import EpochPlan, Piece, skipped_batches
+from shards.format import decode_label_rows, pad_label_members
 
-log = logging.getLogger("bgtrain.data")
-LOG_EVERY = 100
+if TYPE_CHECKING:
+    from bgtrain.data import Loader
 
-
-def _read_unit(info: SplitInfo, unit: Unit) -> Iterator[dict]:
-    """Raw samples of one unit; other parts' samples are passed over without being decoded."""
-    path = info.shard_paths[unit.shard]
-    with open(path, "rb") as f:
-        files = ({**entry, "__url__": str(path)} for entry in tar_file_iterator(f, select_files=_wanted))
-        for i, sample in enumerate(group_by_keys(files)):
-            if i % unit.parts == unit.part:
-                yield sample
-
-
-def _wanted(name: str) -> bool:
-    return name.endswith((".jpg", ".lbl"))
-
-
-def _shuffled(samples: Iterator[dict], buffer: int, rng: np.random.Generator) -> Iterator[dict]:
-    pool: list[dict] = []
-    for s in samples:
-        if len(pool) < buffer:
-            pool.append(s)
-            continue
-        j = int(rng.integers(len(pool)))
-        pool[j], s = s, pool[j]
-        yield s
-    rng.shuffle(pool)
-    yield from pool
+WANTED = ("jpg", "lbl")
 
 
 def decode_image(jpeg: bytes, size: int, flip: bool) -> np.ndarray:
@@ -69,8 +52,48 @@ def decode_image(jpeg: bytes, size: int, flip: bool) -> np.ndarray:
     return np.asarray(img)
 
 
-class WebDatasetStream(torch.utils.data.IterableDataset):
-    """Yields raw batches (uint8 images, padded label ids, sample ids, validity) for one rank."""
+def shuffled(items: Iterator[int], buffer: int, rng: np.random.Generator) -> Iterator[int]:
+    """A shuffle buffer: items come out mixed within about ``buffer`` of their position."""
+    pool: list[int] = []
+    for s in items:
+        if len(pool) < buffer:
+            pool.append(s)
+            continue
+        j = int(rng.integers(len(pool)))
+        pool[j], s = s, pool[j]
+        yield s
+    rng.shuffle(pool)
+    yield from pool
+
+
+def read_samples(info: SplitInfo, pieces: tuple[Piece, ...], positions: list[int]) -> Iterator[tuple[int, dict]]:
+    """(position, sample) for increasing ``positions`` of a range made of ``pieces``, seeking through the index.
+
+    A sample is {"key", "shard", "jpg", "lbl"}; a member the index lacks or the tar cuts short is None.
+    """
+    first, k = 0, 0
+    for piece in pieces:
+        end = first + len(piece)
+        if k < len(positions) and positions[k] < end:
+            path, index = info.shard_paths[piece.shard], info.open_index(piece.shard)
+            with open(path, "rb", buffering=1 << 20) as f:
+                while k < len(positions) and positions[k] < end:
+                    i = piece.start + positions[k] - first
+                    sample: dict = {"key": index.keys[i], "shard": str(path)}
+                    for ext in WANTED:
+                        where = index.members[i].get(ext)
+                        data = None
+                        if where is not None:
+                            f.seek(where[0])
+                            data = f.read(where[1])
+                        sample[ext] = data if where is not None and len(data) == where[1] else None
+                    yield positions[k], sample
+                    k += 1
+        first = end
+
+
+class SlotStream(torch.utils.data.IterableDataset):
+    """Yields one rank's raw batches; each DataLoader worker reads the slots the plan gives it."""
 
     def __init__(self, info: SplitInfo, plan: EpochPlan, rank: int, seed: int, epoch: int, image_size: int,
                  flip: bool, shuffle_buffer: int, batches_done: int = 0, decode: bool = True) -> None:
@@ -78,72 +101,101 @@ class WebDatasetStream(torch.utils.data.IterableDataset):
         self.image_size, self.flip, self.shuffle_buffer = image_size, flip, shuffle_buffer
         self.batches_done, self.decode = batches_done, decode
 
-    def _slot_stream(self, worker: int) -> Iterator[tuple[dict, bool]]:
-        units = self.plan.units(self.rank, worker)
-        samples = (s for u in units for s in _read_unit(self.info, u))
-        if self.shuffle_buffer > 1:
-            rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
-            samples = _shuffled(samples, self.shuffle_buffer, rng)
-        total = self.plan.batches_per_slot * self.plan.batch_size
-        first: list[dict] = []
-        n = 0
-        for s in samples:
-            if n == total:  # resampled slots hold at least their nominal share: cut the stream there
-                break
-            if len(first) < self.plan.batch_size:
-                first.append(s)
-            yield s, True
-            n += 1
-        for i in range(total - n):  # documented padding: repeats, marked invalid
-            yield first[i % len(first)], False
-
-    def __iter__(self) -> Iterator[dict]:
+    def __iter__(self) -> Iterator[RawBatch]:
         winfo = torch.utils.data.get_worker_info()
         # The DataLoader always asks worker 0 first; after a resume at batch b the next batch belongs to
         # slot b % workers, so loader processes are rotated onto slots to keep the uninterrupted order.
-        worker = ((winfo.id if winfo is not None else 0) + self.batches_done) % self.plan.workers
-        skip = skipped_batches(self.batches_done, worker, self.plan.workers) * self.plan.batch_size
-        batch: list = []
-        corrupt = 0
-        for i, (sample, valid) in enumerate(self._slot_stream(worker)):
-            if i < skip:
-                continue
-            item = self._decode(sample, valid)
-            corrupt += item is None
-            batch.append(item or self._placeholder(sample))
-            if len(batch) == self.plan.batch_size:
-                yield self._collate(batch, corrupt)
-                batch, corrupt = [], 0
+        workers = self.plan.workers
+        worker = ((winfo.id if winfo is not None else 0) + self.batches_done) % workers
+        sizes = self.plan.slot_batches(self.rank, worker)
+        done = skipped_batches(self.batches_done, worker, workers)
+        order: list[int] | range = range(sum(sizes))
+        if self.shuffle_buffer > 1:
+            rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
+            order = list(shuffled(iter(order), self.shuffle_buffer, rng))
+        samples = self._in_order(self.plan.units(self.rank, worker), order[sum(sizes[:done]):])
+        for rows in sizes[done:]:
+            yield self._collate([next(samples) for _ in range(rows)])
 
-    def _decode(self, sample: dict, valid: bool) -> tuple | None:
+    def _in_order(self, pieces: tuple[Piece, ...], order: list[int] | range) -> Iterator[dict]:
+        """The samples at slot positions ``order``, read front to back and held until their turn."""
+        reader = read_samples(self.info, pieces, sorted(order))
+        held: dict[int, dict] = {}
+        for p in order:
+            while p not in held:
+                q, sample = next(reader)
+                held[q] = sample
+            yield held.pop(p)
+
+    def _collate(self, samples: list[dict]) -> RawBatch:
+        """Decode ``samples`` into a raw batch padded to the batch size; failures become invalid rows."""
+        size, n = self.plan.batch_size, len(samples)
+        labels = decode_label_rows(*pad_label_members([s.get("lbl") for s in samples]))
+        pos, neg, ok = usable_labels(labels, self.info)
+        images: list = []
+        for i, s in enumerate(samples):
+            image = None
+            if ok[i] and s.get("jpg") is not None:
+                image = self._image(s["jpg"], int(labels.sample_id[i]))
+            ok[i] &= image is not None
+            images.append(image if image is not None else self._blank())
+        images += [self._blank()] * (size - n)
+        sample_id = np.full(size, -1, np.int64)
+        sample_id[:n] = np.where(ok, labels.sample_id, -1)
+        valid = np.zeros(size, bool)
+        valid[:n] = ok
+        return RawBatch(
+            image=torch.from_numpy(np.stack(images)) if self.decode else images,
+            pos=torch.from_numpy(_rows(np.where(ok[:, None], pos, -1), size)),
+            neg=torch.from_numpy(_rows(np.where(ok[:, None], neg, -1), size)),
+            sample_id=torch.from_numpy(sample_id), valid=torch.from_numpy(valid), real=n,
+            corrupt=[(s["shard"], s["key"]) for s, good in zip(samples, ok) if not good],
+            mirrored=self.decode)
+
+    def _image(self, jpeg: bytes, sample_id: int) -> np.ndarray | bytes | None:
+        if not self.decode:
+            return jpeg
         try:
-            labels = decode_labels(sample["lbl"])
-            pos, neg = ((labels.obs_pos, labels.obs_neg) if self.info.label_set == "observed"
-                        else (labels.full_pos, labels.full_neg))
-            if self.decode:
-                flip = self.flip and flip_decision(self.seed, self.epoch, labels.sample_id)
-                image = decode_image(sample["jpg"], self.image_size, flip)
-            else:
-                image = sample["jpg"]
-            return image, list(pos), list(neg), labels.sample_id, valid
-        except Exception as e:  # bad data is dealt with here, once, and never stops the run
-            self._corrupt_seen = getattr(self, "_corrupt_seen", 0) + 1
-            if self._corrupt_seen % LOG_EVERY == 1:
-                log.warning("skipping corrupt sample %s in %s (%s; %d so far in this worker)",
-                            sample.get("__key__"), sample.get("__url__"), e, self._corrupt_seen)
+            return decode_image(jpeg, self.image_size, self.flip and flip_decision(self.seed, self.epoch, sample_id))
+        except Exception:  # any decoder failure is a corrupt sample: counted by the Loader, never fatal here
             return None
 
-    def _placeholder(self, sample: dict) -> tuple:
-        blank = np.zeros((self.image_size, self.image_size, 3), np.uint8) if self.decode else b""
-        return blank, [], [], -1, False
+    def _blank(self) -> np.ndarray | bytes:
+        return np.zeros((self.image_size, self.image_size, 3), np.uint8) if self.decode else b""
 
-    def _collate(self, batch: list[tuple], corrupt: int) -> dict:
-        images, pos, neg, ids, valid = zip(*batch)
-        return {
-            "image": torch.from_numpy(np.stack(images)) if self.decode else list(images),
-            "pos": pad_id_lists(list(pos)),
-            "neg": pad_id_lists(list(neg)),
-            "sample_id": torch.tensor(ids, dtype=torch.long),
-            "valid": torch.tensor(valid, dtype=torch.bool),
-            "corrupt": torch.tensor(corrupt),
-        }
+
+def _rows(ids: np.ndarray, size: int) -> np.ndarray:
+    """(n, L) ids padded with -1 rows to (size, L) int32."""
+    out = np.full((size, ids.shape[1]), -1, np.int32)
+    out[: len(ids)] = ids
+    return out
+
+
+class WebDatasetBackend:
+    """``data.backend: webdataset``: ``data.workers`` loader processes per rank, PIL or nvJPEG decoding."""
+
+    def __init__(self, loader: "Loader") -> None:
+        self.loader = loader
+
+    def slots_per_rank(self) -> int:
+        return max(1, self.loader.cfg.workers)
+
+    def pad_at_end(self) -> bool:
+        return False
+
+    def raw_batches(self, plan: EpochPlan, batches_done: int) -> Iterator[RawBatch]:
+        """This rank's raw batches, from ``data.workers`` DataLoader processes (or this one with 0)."""
+        ld, rank = self.loader, self.loader.world.rank
+        # Every tar of this rank is checked here, where a problem is one clear error, before workers read it.
+        ld.info.check_shards({p.shard for w in range(plan.workers) for p in plan.units(rank, w)})
+        stream = SlotStream(ld.info, plan, rank, ld.seed, ld.epoch, ld.cfg.image_size,
+                            ld.cfg.flip and ld.train, ld.cfg.shuffle_buffer if ld.train else 1, batches_done,
+                            decode=ld.cfg.decode == "cpu")
+        return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=ld.cfg.workers,
+                                                pin_memory=ld.device.type == "cuda"))
+
+    def images(self, raw: RawBatch) -> tuple[torch.Tensor, torch.Tensor]:
+        if isinstance(raw.image, torch.Tensor):
+            return raw.image, torch.ones(len(raw.valid), dtype=torch.bool)
+        from bgtrain.data.gpu_decode import decode_resize
+        return decode_resize(raw.image, self.loader)

@@ -63,6 +63,7 @@ class DatasetRecords:
     rest: dict[str, dict[str, int]]
     problems: Problems = field(default_factory=Problems)
     meta: dict = field(default_factory=dict)   # extra manifest entries, e.g. OpenImages' class MIDs
+    notes: list[str] = field(default_factory=list)   # what the reader decided for the user (printed by the CLI)
 
 
 Reader = Callable[..., DatasetRecords]

@@ -3,17 +3,42 @@
 CSV cells hold class names (or integer ids) separated by ``;``; an optional header row starting with
 ``path`` is skipped. JSONL lines are ``{"path": ..., "positives": [...], "negatives": [...]}``. Paths are
 relative to ``--images`` (default: the folder of the list). Observed = full = what is listed; classes
-not listed are unknown, or negative with ``--rest negative``.
+not listed are unknown or negative, per split: ``--rest negative``, ``--rest train=unknown,val=negative``.
+Without ``--rest``, train is unknown and a val/test list is unknown when it lists negatives itself, else
+negative (a note says so). A val/test split with no negative at all would score 100 mAP whatever the model,
+so it is refused.
 """
 from __future__ import annotations
 
 import csv
+import io
 import json
 from pathlib import Path
 
+from bgtrain.cli import DataError, UsageError
 from shards.readers import DatasetRecords, Problems, Record, find_file
 
 SPLITS = ("train", "val", "test")
+SCORED = ("val", "test")
+REST_VALUES = {"unknown": -1, "negative": 0}
+
+
+def parse_rest(text: str | None) -> dict[str, str]:
+    """``--rest``: "unknown", "negative" or "split=value,..." -> {split: value} (splits not named: inferred)."""
+    if text is None or not str(text).strip():
+        return {}
+    text = str(text).strip()
+    if text in REST_VALUES:
+        return {s: text for s in SPLITS}
+    out = {}
+    for part in text.split(","):
+        split, _, value = part.partition("=")
+        split, value = split.strip(), value.strip()
+        if split not in SPLITS or value not in REST_VALUES:
+            raise UsageError(f"--rest {text!r}: expected unknown, negative or SPLIT=VALUE,... with SPLIT in "
+                             f"{', '.join(SPLITS)} and VALUE unknown or negative; {part!r} is neither")
+        out[split] = value
+    return out
 
 
 def _labels(cells: list, classes: dict[str, int], where: str, problems: Problems) -> tuple[int, ...]:
@@ -35,7 +60,12 @@ def _rows(path: Path, problems: Problems) -> list[tuple[str, list, list, str]]:
     """(path, positives, negatives, where) per listed image."""
     rows = []
     if path.suffix == ".jsonl":
-        for n, line in enumerate(path.read_text().splitlines(), 1):
+        try:
+            lines = path.read_bytes().decode("utf-8").splitlines()
+        except UnicodeDecodeError as e:
+            line = path.read_bytes()[: e.start].count(b"\n") + 1
+            raise DataError(f"{path}:{line}: not UTF-8; save the list as UTF-8") from None
+        for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
             where = f"{path}:{n}"
@@ -45,7 +75,13 @@ def _rows(path: Path, problems: Problems) -> list[tuple[str, list, list, str]]:
             except (json.JSONDecodeError, KeyError, TypeError) as e:
                 problems.add("bad_line", where, f"expected a JSON object with 'path' ({e})")
         return rows
-    with open(path, newline="", encoding="utf-8") as f:
+    try:
+        text = path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line}: not UTF-8 (byte {path.read_bytes()[e.start]:#04x}); "
+                        "save the list as UTF-8") from None
+    with io.StringIO(text, newline="") as f:
         for n, row in enumerate(csv.reader(f), 1):
             if not row or not any(c.strip() for c in row) or (n == 1 and row[0].strip().lower() == "path"):
                 continue
@@ -58,7 +94,7 @@ def _rows(path: Path, problems: Problems) -> list[tuple[str, list, list, str]]:
 
 
 def read(src: Path, seed: int = 1200, problems: Problems | None = None, images: Path | None = None,
-         classes: Path | None = None, rest: str = "unknown", **_: object) -> DatasetRecords:
+         classes: Path | None = None, rest: str | None = None, **_: object) -> DatasetRecords:
     """Records from per-split lists in ``src``; class names from ``classes`` (default ``src/classes.txt``)."""
     problems = problems or Problems()
     src = Path(src).resolve()
@@ -68,7 +104,7 @@ def read(src: Path, seed: int = 1200, problems: Problems | None = None, images: 
         raise ValueError(f"{class_file}: class names must be non-empty and unique")
     index = {n: i for i, n in enumerate(names)}
     images = Path(images).resolve() if images else src
-    value = {"unknown": -1, "negative": 0}[rest]
+    rest_of = parse_rest(rest)
     splits: dict[str, list[Record]] = {}
     for split in SPLITS:
         lists = [src / f"{split}.{ext}" for ext in ("csv", "jsonl") if (src / f"{split}.{ext}").is_file()]
@@ -92,5 +128,19 @@ def read(src: Path, seed: int = 1200, problems: Problems | None = None, images: 
         splits[split] = out
     if "train" not in splits:
         raise FileNotFoundError(f"{src}: no train.csv or train.jsonl")
-    rest_values = {s: {"observed": value, "full": value} for s in splits}
-    return DatasetRecords("csv", names, splits, rest_values, problems)
+    notes = []
+    for split, records in splits.items():
+        if split in rest_of:
+            continue
+        listed_negatives = any(r.full_neg for r in records)
+        rest_of[split] = "unknown" if split not in SCORED or listed_negatives else "negative"
+        if split in SCORED and records:
+            notes.append(f"--rest not given for {split}: unlisted classes are {rest_of[split]} "
+                         f"({'the list gives negatives' if listed_negatives else 'the list gives no negatives'})")
+    for split in SCORED:
+        records = splits.get(split, [])
+        if records and rest_of[split] == "unknown" and not any(r.full_neg for r in records):
+            raise UsageError(f"split {split}: no negative label and --rest {split}=unknown, so its mAP would be "
+                             f"100 whatever the model; list negatives or use --rest {split}=negative")
+    rest_values = {s: {"observed": REST_VALUES[rest_of[s]], "full": REST_VALUES[rest_of[s]]} for s in splits}
+    return DatasetRecords("csv", names, splits, rest_values, problems, notes=notes)

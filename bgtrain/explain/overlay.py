@@ -1,15 +1,10 @@
-"""Explanations: CAM heatmap overlays (PNG) and, in :mod:`bgtrain.explain_gap`, the explanation-gap analysis.
+"""CAM heatmap overlays (PNG): ``python -m bgtrain.explain overlay``.
 
 A CamResNet's logit for class c is the spatial mean of ``BoostLU(cam_c)``, so the boosted CAM is exactly the
 map the score averages: overlays show that map, upsampled bilinearly to the image, for the alpha they name.
 Each overlay is the image's size and names the class (``+``/``-``/``?``: its full label, when the image comes from
 shards), its score sigmoid(logit) at that alpha, and the alpha. Colours are min-max scaled per map.
 Drawing uses numpy and PIL only (a jet-like colormap, PIL text), so explanations need no plotting library.
-
-    python -m bgtrain.explain overlay --checkpoint runs/demo/LL-R_BoostLU/checkpoints/best.pt \\
-        --shards data/demo --split test --count 4 --classes top3 --out runs/demo/overlays
-    python -m bgtrain.explain gap --a runs/full/checkpoints/best.pt --b runs/AN/checkpoints/best.pt \\
-        --shards data/demo --out runs/gap
 """
 from __future__ import annotations
 
@@ -17,7 +12,6 @@ import argparse
 import dataclasses
 import json
 import re
-import sys
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Iterator, Sequence
@@ -25,35 +19,18 @@ from typing import Iterator, Sequence
 import numpy as np
 import torch
 import torch.nn.functional as F
-from PIL import Image, ImageDraw, ImageFont
+from PIL import Image, ImageDraw
 
 from bgtrain.checkpoint import load_model_for_eval
-from bgtrain.config import ConfigError, TrainConfig
+from bgtrain.config import TrainConfig
 from bgtrain.data import build_loader
 from bgtrain.data.common import IMAGENET_MEAN, IMAGENET_STD, normalise
 from bgtrain.data.wds import decode_image
 from bgtrain.distributed import WorldInfo
+from bgtrain.explain.common import class_names_for, load_font
 from bgtrain.model import CamResNet
-from shards.format import read_manifest
 
 _TOPK = re.compile(r"^top(\d+)$")
-
-
-def class_names_for(cfg: TrainConfig, num_classes: int, shards: str | None = None) -> list[str]:
-    """Class names from ``shards`` (or the run's own ``data.shards``) manifest, else ``class_<i>``."""
-    for root in (shards, cfg.data.shards):
-        if root is None:
-            continue
-        try:
-            names = read_manifest(root)["classes"]
-        except (FileNotFoundError, ValueError):
-            continue
-        if len(names) == num_classes:
-            return list(names)
-        if root == shards:
-            raise ValueError(f"{Path(root) / 'manifest.json'}: {len(names)} classes, but the model has "
-                             f"{num_classes}; these shards are not the ones the model was trained for")
-    return [f"class_{i}" for i in range(num_classes)]
 
 
 # ----------------------------------------------------------------------------------------------- image sources
@@ -114,14 +91,6 @@ def heat_overlay(pixels: np.ndarray, heat: np.ndarray, weight: float = 0.5) -> n
     """Blend a (H, W) heat map in [0, 1] over a uint8 (H, W, 3) image."""
     blended = (1 - weight) * pixels.astype(np.float64) + weight * jet(heat).astype(np.float64)
     return blended.round().clip(0, 255).astype(np.uint8)
-
-
-def load_font(size: int) -> ImageFont.ImageFont:
-    """PIL's built-in scalable font at ``size`` px (no font files needed)."""
-    try:
-        return ImageFont.load_default(size=size)
-    except TypeError:  # Pillow < 10.1: one fixed bitmap font
-        return ImageFont.load_default()
 
 
 def annotate(image: Image.Image, lines: Sequence[str]) -> Image.Image:
@@ -238,59 +207,4 @@ def run_overlay(args: argparse.Namespace) -> dict:
             entry["overlays"].append({"class": names[c], "class_id": c, "score": score, "file": file})
         index["images"].append(entry)
     (out / "index.json").write_text(json.dumps(index, indent=1))
-    print(f"wrote overlays of {len(index['images'])} images to {out} (alpha {alpha:g}, {size} px)")
     return index
-
-
-# ----------------------------------------------------------------------------------------------- CLI
-
-def build_parser() -> argparse.ArgumentParser:
-    """The ``overlay`` and ``gap`` commands."""
-    parser = argparse.ArgumentParser(prog="python -m bgtrain.explain", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    sub = parser.add_subparsers(dest="command", required=True)
-    ov = sub.add_parser("overlay", help="PNG CAM heatmaps for chosen classes, with score and alpha",
-                        formatter_class=argparse.RawDescriptionHelpFormatter,
-                        epilog="example:\n  python -m bgtrain.explain overlay --checkpoint runs/demo/LL-R_BoostLU/"
-                               "checkpoints/best.pt --shards data/demo --split test --count 4 --classes top3 "
-                               "--out runs/demo/overlays\n  python -m bgtrain.explain overlay --checkpoint best.pt "
-                               "--images a.jpg b.jpg --classes top5 dog --alpha 1 --out overlays")
-    ov.add_argument("--checkpoint", required=True, help="a bgtrain checkpoint (e.g. out_dir/checkpoints/best.pt)")
-    src = ov.add_mutually_exclusive_group(required=True)
-    src.add_argument("--images", nargs="+", help="image files")
-    src.add_argument("--shards", help="shard folder (manifest.json); also gives class names")
-    ov.add_argument("--split", default="test", help="split of --shards (default test)")
-    ov.add_argument("--count", type=int, default=8, help="images from --shards (default 8)")
-    ov.add_argument("--classes", nargs="+", default=["top5"], help="topK and/or class names (default top5)")
-    ov.add_argument("--alpha", type=float, default=None, help="BoostLU alpha (default: the checkpoint's alpha_eval)")
-    ov.add_argument("--size", type=int, default=None, help="input size in px (default: the config's image_size)")
-    ov.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    ov.add_argument("--out", required=True, help="output folder")
-
-    from bgtrain.explain_gap import add_gap_arguments
-    gap = sub.add_parser("gap", help="explanation gap between two models: Spearman, top/bottom-5%% attributions",
-                         formatter_class=argparse.RawDescriptionHelpFormatter,
-                         epilog="example:\n  python -m bgtrain.explain gap --a runs/full/checkpoints/best.pt "
-                                "--b runs/AN/checkpoints/best.pt --shards data/demo --split test --out runs/gap")
-    add_gap_arguments(gap)
-    return parser
-
-
-def main(argv: Sequence[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    try:
-        if args.command == "overlay":
-            if args.count < 1:
-                raise ValueError("--count must be >= 1")
-            run_overlay(args)
-        else:
-            from bgtrain.explain_gap import run_gap
-            run_gap(args)
-    except (ConfigError, FileNotFoundError, KeyError, ValueError) as e:
-        print(f"error: {e}", file=sys.stderr)
-        return 2
-    return 0
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -1,4 +1,4 @@
-"""DeepSpeed engine: ZeRO 0-2 with the same ``step`` / ``state_dict`` contract as the DDP engine.
+"""DeepSpeed engine: ZeRO 0-2 behind the same :class:`~bgtrain.engines.base.Engine` protocol as the DDP engine.
 
 - bf16/fp16 go through DeepSpeed's ``torch_autocast`` section, not its ``bf16`` mode: that mode casts
   the whole module, BatchNorm included, while autocast keeps BatchNorm and master weights in fp32.
@@ -10,6 +10,7 @@
 - Checkpoints stay single files loadable with ``weights_only=True``: the ZeRO optimizer state of every
   rank is gathered and stripped of its Python objects (loss scaler, enums, slice maps), which are
   rebuilt from the live optimizer on load. Resuming needs the same world size.
+- ``engine.compile`` and ``engine.sync_bn`` are not supported here; config validation refuses them.
 """
 from __future__ import annotations
 
@@ -21,8 +22,8 @@ from torch import nn
 
 from bgtrain.config import TrainConfig
 from bgtrain.distributed import WorldInfo
-from bgtrain.engine import DTYPES, build_optimizer
-from bgtrain.losses import LossOutput
+from bgtrain.engines.base import DTYPES, apply_tf32, build_optimizer
+from bgtrain.losses.functional import LossOutput
 
 _DROPPED = ("loss_scaler", "param_slice_mappings", "ds_version")
 
@@ -43,15 +44,16 @@ def deepspeed_config(cfg: TrainConfig) -> dict:
 
 
 class DeepSpeedEngine:
+    """DeepSpeed ZeRO 0-2 with torch autocast and torch Adam."""
+
     name = "deepspeed"
 
     def __init__(self, cfg: TrainConfig, model: nn.Module, world: WorldInfo, device: torch.device) -> None:
         import deepspeed
-        if device.type == "cpu" and cfg.engine.precision == "fp16":
-            raise ValueError("engine.precision=fp16 with engine.engine=deepspeed needs a GPU; use bf16 or fp32")
         if not dist.is_initialized():  # DeepSpeed insists on a process group even for one process
             deepspeed.init_distributed(dist_backend="nccl" if device.type == "cuda" else "gloo", auto_mpi_discovery=False)
         self.cfg, self.world, self.device = cfg, world, device
+        apply_tf32(cfg, device)
         # ZeRO flattens parameters into contiguous buffers and its broadcast views them as bytes, so
         # weights stay in the default layout here; inputs are still channels-last.
         self.module = model.to(device, memory_format=torch.contiguous_format)

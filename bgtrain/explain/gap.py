@@ -28,11 +28,12 @@ import numpy as np
 import torch
 from PIL import Image, ImageDraw
 
+from bgtrain.checkpoint import load_model_for_eval
 from bgtrain.data import build_loader
 from bgtrain.distributed import WorldInfo
-from bgtrain.explain import class_names_for, load_font, load_model_for_eval
+from bgtrain.explain.common import class_names_for, load_font
 from bgtrain.ops.reference import boostlu as boostlu_reference
-from bgtrain.progress import RankZeroProgress
+from bgtrain.runlog import RunLogger
 
 TAIL = 0.05
 STATS = ("spearman", "top5_a", "top5_b", "bottom5_a", "bottom5_b",
@@ -184,7 +185,7 @@ def add_gap_arguments(parser: argparse.ArgumentParser) -> None:
 
 
 @torch.no_grad()
-def collect_pairs(model_a, model_b, loader, max_images: int | None, progress: RankZeroProgress) -> dict:
+def collect_pairs(model_a, model_b, loader, max_images: int | None, progress: RunLogger) -> dict:
     """Per (image, known class): statistics of STATS plus sample id, class id and label, over the loader."""
     alpha_a, alpha_b = model_a.alpha_eval, model_b.alpha_eval  # run_gap sets them from --alpha-a/--alpha-b
     parts: list[dict[str, np.ndarray]] = []
@@ -270,7 +271,7 @@ def run_gap(args: argparse.Namespace) -> dict:
                                backend="webdataset", eval_batch_size=args.batch_size)
     loader = build_loader(data, args.split, WorldInfo(), device, train=False, seed=0, channels_last=False,
                           label_set="full")
-    progress = RankZeroProgress(True)
+    progress = RunLogger(None).install()
     try:
         pairs = collect_pairs(model_a, model_b, loader, args.max_images, progress)
     finally:
@@ -302,9 +303,5 @@ def run_gap(args: argparse.Namespace) -> dict:
         for i in np.nonzero(pos)[0]:
             writer.writerow([int(pairs["sample_id"][i]), names[int(pairs["class_id"][i])]]
                             + [f"{pairs[s][i]:.6g}" for s in STATS])
-    p = summary["positive"]
-    print(f"{pairs['images']} images, {p['pairs']} positive pairs: Spearman {p['spearman']['mean']:.3f}, "
-          f"top-5% a {p['a']['top5']['mean']:.3f} b {p['b']['top5']['mean']:.3f}, "
-          f"bottom-5% a {p['a']['bottom5']['mean']:.3f} b {p['b']['bottom5']['mean']:.3f}; wrote {out}")
     return summary
 

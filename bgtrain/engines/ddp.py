@@ -1,8 +1,4 @@
-"""Training engines: how a step runs on one or many devices (DDP, or DeepSpeed in engine_deepspeed).
-
-An engine owns the wrapped model, the optimizer, mixed precision and gradient accumulation. The train
-loop only calls ``engine.step(...)`` and ``engine.state_dict()``.
-"""
+"""The DDP engine: DistributedDataParallel (NCCL on GPU, gloo on CPU), or the plain model for one process."""
 from __future__ import annotations
 
 import contextlib
@@ -14,20 +10,8 @@ from torch.nn.parallel import DistributedDataParallel
 
 from bgtrain.config import TrainConfig
 from bgtrain.distributed import WorldInfo
-from bgtrain.losses import LossOutput
-
-DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
-
-
-def param_groups(model: nn.Module, lr: float, head_lr_mult: float) -> list[dict]:
-    """The paper's two learning rates: the trunk at lr, the 1x1 classifier at lr * head_lr_mult."""
-    return [{"params": model.trunk_parameters(), "lr": lr},
-            {"params": model.head_parameters(), "lr": lr * head_lr_mult}]
-
-
-def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
-    return torch.optim.Adam(param_groups(model, cfg.optim.lr, cfg.optim.head_lr_mult),
-                            weight_decay=cfg.optim.weight_decay)
+from bgtrain.engines.base import DTYPES, apply_tf32, build_optimizer
+from bgtrain.losses.functional import LossOutput
 
 
 class DDPEngine:
@@ -37,9 +21,7 @@ class DDPEngine:
 
     def __init__(self, cfg: TrainConfig, model: nn.Module, world: WorldInfo, device: torch.device) -> None:
         self.cfg, self.world, self.device = cfg, world, device
-        if device.type == "cuda" and cfg.engine.tf32:
-            torch.backends.cuda.matmul.allow_tf32 = True
-            torch.backends.cudnn.allow_tf32 = True
+        apply_tf32(cfg, device)
         if cfg.engine.sync_bn and world.world_size > 1:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.module = model.to(device)
@@ -91,10 +73,3 @@ class DDPEngine:
     def train(self, mode: bool = True) -> None:
         self.module.train(mode)
 
-
-def build_engine(cfg: TrainConfig, model: nn.Module, world: WorldInfo, device: torch.device):
-    """The engine ``engine.engine`` names."""
-    if cfg.engine.engine == "deepspeed":
-        from bgtrain.engine_deepspeed import DeepSpeedEngine
-        return DeepSpeedEngine(cfg, model, world, device)
-    return DDPEngine(cfg, model, world, device)

@@ -1,0 +1,66 @@
+"""What every training engine provides, and what the engines share (precisions, optimizer, TF32)."""
+from __future__ import annotations
+
+from typing import Callable, Protocol
+
+import torch
+from torch import nn
+
+from bgtrain.config import ConfigError, TrainConfig
+from bgtrain.losses.functional import LossOutput
+
+DTYPES = {"fp32": torch.float32, "bf16": torch.bfloat16, "fp16": torch.float16}
+
+
+class Engine(Protocol):
+    """How a training step runs on one or many devices: it owns the wrapped model, the optimizer, mixed
+    precision and gradient accumulation; the trainer only calls these."""
+
+    name: str
+    module: nn.Module  # the unwrapped model (no DDP / DeepSpeed / compile wrapper), e.g. for CAM pictures
+
+    def step(self, images: torch.Tensor, loss_fn: Callable[[torch.Tensor], LossOutput]) -> LossOutput:
+        """Forward, loss, backward, and an optimizer step at accumulation boundaries (collective)."""
+        ...
+
+    def eval_logits(self, images: torch.Tensor) -> torch.Tensor:
+        """Float32 logits of the unwrapped model, without gradients."""
+        ...
+
+    def state_dict(self) -> dict:
+        """Weights and optimizer state for a checkpoint (may be collective)."""
+        ...
+
+    def load_state_dict(self, state: dict) -> None:
+        """Restore :meth:`state_dict`."""
+        ...
+
+    def train(self, mode: bool = True) -> None:
+        """Training or evaluation mode of the model."""
+        ...
+
+
+def param_groups(model: nn.Module, lr: float, head_lr_mult: float) -> list[dict]:
+    """The paper's two learning rates: the trunk at lr, the 1x1 classifier at lr * head_lr_mult."""
+    return [{"params": model.trunk_parameters(), "lr": lr},
+            {"params": model.head_parameters(), "lr": lr * head_lr_mult}]
+
+
+def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:
+    """Adam over the two parameter groups, with the config's weight decay."""
+    return torch.optim.Adam(param_groups(model, cfg.optim.lr, cfg.optim.head_lr_mult),
+                            weight_decay=cfg.optim.weight_decay)
+
+
+def apply_tf32(cfg: TrainConfig, device: torch.device) -> None:
+    """TF32 matmuls and convolutions on CUDA when ``engine.tf32`` (a process-wide torch setting)."""
+    if device.type == "cuda" and cfg.engine.tf32:
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+
+
+def check_device(cfg: TrainConfig, device: torch.device) -> None:
+    """Refuse a precision the device runs badly: fp16 on a CPU is emulated (~40x slower than bf16 there)."""
+    if device.type == "cpu" and cfg.engine.precision == "fp16":
+        raise ConfigError("engine.precision=fp16: runs ~40x slower than bf16 on a CPU device (no native fp16 "
+                          "kernels); use engine.precision=bf16 or fp32 on CPU")

@@ -1,0 +1,5 @@
+import sys
+
+from bgtrain.report.cli import main
+
+sys.exit(main())
