@@ -49,7 +49,8 @@ def test_objects_flag_sets_the_exact_count_and_rejects_zero(tmp_path):
     proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert all(len(r.full_pos) == 2 for r in _labels(tmp_path / "two", "test"))
-    bad = subprocess.run(cmd[:-1] + ["0"], cwd=REPO, capture_output=True, text=True, timeout=300)
+    bad_cmd = [str(tmp_path / "zero") if a == str(tmp_path / "two") else a for a in cmd[:-1]] + ["0"]
+    bad = subprocess.run(bad_cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "min_objects" in bad.stderr and "Traceback" not in bad.stderr
 
 
