@@ -83,6 +83,7 @@ def _trained_weights(checkpoint: Path) -> dict[str, torch.Tensor]:
     return {k.removeprefix("module."): v for k, v in model.items()}
 
 
+@pytest.mark.slow  # trains a tiny model first (about a minute on 2 cores)
 def test_exported_file_loads_into_torchvision_and_camresnet_with_equal_weights(checkpoint, tmp_path, capsys):
     out = tmp_path / "trunk.pt"
     assert export_main(["--checkpoint", str(checkpoint), "--out", str(out)]) == 0
@@ -108,6 +109,7 @@ def test_exported_file_loads_into_torchvision_and_camresnet_with_equal_weights(c
         torch.testing.assert_close(cam.eval()(x), tv.eval()(x), rtol=1e-5, atol=1e-5)
 
 
+@pytest.mark.slow
 def test_no_head_export_leaves_fc_out_so_the_classifier_starts_fresh(checkpoint, tmp_path):
     out = tmp_path / "trunk.pt"
     assert export_main(["--checkpoint", str(checkpoint), "--out", str(out), "--no-head"]) == 0

@@ -59,6 +59,7 @@ def _sklearn_map(checkpoint: Path, shards: Path, alpha: float) -> tuple[float, t
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_inference_only_trains_once_and_evaluates_that_checkpoint_at_alpha_1_and_5(smoke_shards, tmp_path):
     # Full labels and a larger lr, so that two short epochs leave positive CAM cells for BoostLU to act on.
     learnt = {"data": {"labels": "full"}, "loss": {"scheme": "full"}, "optim": {"lr": 1.0e-3}}
@@ -89,6 +90,7 @@ def test_inference_only_trains_once_and_evaluates_that_checkpoint_at_alpha_1_and
 
 
 @pytest.mark.slow
+@pytest.mark.distributed
 def test_pretrain_trains_once_exports_the_trunk_and_every_row_starts_from_it(smoke_shards, tmp_path):
     configs = _write_configs(tmp_path / "configs", "demo", {
         "pretrain": {"data": {"labels": "full"}, "loss": {"scheme": "full"}, "optim": {"epochs": 1}},
