@@ -17,6 +17,8 @@ from bgtrain.ops import boostlu, boostlu_pool
 
 _TRUNKS = {18: torchvision.models.resnet18, 34: torchvision.models.resnet34,
            50: torchvision.models.resnet50, 101: torchvision.models.resnet101}
+# torchvision's names of the modules that make up ``CamResNet.trunk``, in order (the trunk's keys are their indices).
+TORCHVISION_TRUNK = ("conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4")
 
 
 class CamResNet(nn.Module):
@@ -31,8 +33,7 @@ class CamResNet(nn.Module):
         self.num_classes = num_classes
         self.alpha_train = float(alpha_train)  # plain attributes: switch BoostLU on a built model
         self.alpha_eval = float(alpha_eval)
-        self.trunk = nn.Sequential(resnet.conv1, resnet.bn1, resnet.relu, resnet.maxpool,
-                                   resnet.layer1, resnet.layer2, resnet.layer3, resnet.layer4)
+        self.trunk = nn.Sequential(*(getattr(resnet, name) for name in TORCHVISION_TRUNK))
         self.classifier = nn.Conv2d(resnet.fc.in_features, num_classes, kernel_size=1, bias=True)
         if pretrained is not None:
             self.load_torchvision_weights(pretrained)
@@ -73,11 +74,10 @@ class CamResNet(nn.Module):
                                     "torchvision ResNet state dict, or set it to null)")
         state = torch.load(path, map_location="cpu", weights_only=True)
         trunk_state = {}
-        names = ["conv1", "bn1", "relu", "maxpool", "layer1", "layer2", "layer3", "layer4"]
         for key, value in state.items():
             top, _, rest = key.partition(".")
-            if top in names:
-                trunk_state[f"{names.index(top)}.{rest}"] = value
+            if top in TORCHVISION_TRUNK:
+                trunk_state[f"{TORCHVISION_TRUNK.index(top)}.{rest}"] = value
         try:
             missing, _ = self.trunk.load_state_dict(trunk_state, strict=False)
         except RuntimeError as e:
@@ -91,6 +91,17 @@ class CamResNet(nn.Module):
             with torch.no_grad():
                 self.classifier.weight.copy_(fc_w.reshape(self.classifier.weight.shape))
                 self.classifier.bias.copy_(fc_b)
+
+    def torchvision_state_dict(self, head: bool = True) -> dict[str, torch.Tensor]:
+        """The inverse of :meth:`load_torchvision_weights`: torchvision ResNet keys; the 1x1 conv becomes ``fc``."""
+        state = {}
+        for key, value in self.trunk.state_dict().items():
+            index, _, rest = key.partition(".")
+            state[f"{TORCHVISION_TRUNK[int(index)]}.{rest}"] = value.detach().clone()
+        if head:
+            state["fc.weight"] = self.classifier.weight.detach().reshape(self.num_classes, -1).clone()
+            state["fc.bias"] = self.classifier.bias.detach().clone()
+        return state
 
 
 def build_model(cfg: ModelConfig, num_classes: int) -> CamResNet:

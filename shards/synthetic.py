@@ -1,7 +1,8 @@
 """Synthetic multi-object images with known labels, written as real shards.
 
 Each class is a distinct (shape, colour, texture) triple drawn at a random position and scale on a
-cluttered background, 1 to 4 objects per image, so that CAMs have something to localise.
+cluttered background, 1 to 4 objects per image, so that CAMs have something to localise. ``--objects 1`` writes
+single-object, single-label images instead: a stand-in for ImageNet on which to pretrain a trunk.
 """
 from __future__ import annotations
 
@@ -93,10 +94,11 @@ def render(classes: list[int], size: int, rng: np.random.Generator) -> Image.Ima
     return canvas
 
 
-def _draw_labels(n: int, num_classes: int, max_objects: int, rng: np.random.Generator) -> np.ndarray:
+def _draw_labels(n: int, num_classes: int, max_objects: int, rng: np.random.Generator,
+                 min_objects: int = 1) -> np.ndarray:
     full = np.zeros((n, num_classes), np.int8)
     for i in range(n):
-        k = int(rng.integers(1, max_objects + 1))
+        k = int(rng.integers(min_objects, max_objects + 1))
         full[i, rng.choice(num_classes, size=min(k, num_classes), replace=False)] = 1
     return full
 
@@ -108,15 +110,21 @@ def _jpeg(img: Image.Image, quality: int) -> bytes:
 
 
 def build(out: Path, num_classes: int, n_train: int, n_val: int, n_test: int, size: int, seed: int,
-          shard_size: int = 250, max_objects: int = 4, quality: int = 90, label_seed: int = 1200) -> dict:
-    """Generate the dataset and write shards plus ``manifest.json`` into ``out``."""
+          shard_size: int = 250, max_objects: int = 4, quality: int = 90, label_seed: int = 1200,
+          min_objects: int = 1) -> dict:
+    """Generate the dataset and write shards plus ``manifest.json`` into ``out``.
+
+    Every image holds between ``min_objects`` and ``max_objects`` objects of distinct classes (uniformly drawn).
+    """
     if num_classes < 2 or min(n_train, n_test) < 1 or n_val < 0 or size < 16:
         raise ValueError("need classes >= 2, train >= 1, test >= 1, val >= 0 and size >= 16")
+    if not 1 <= min_objects <= max_objects:
+        raise ValueError(f"need 1 <= min_objects <= max_objects, got {min_objects} and {max_objects}")
     names = class_names(num_classes)
     rng = np.random.default_rng(seed)
     n_trainval = n_train + n_val
-    full = {"trainval": _draw_labels(n_trainval, num_classes, max_objects, rng),
-            "test": _draw_labels(n_test, num_classes, max_objects, rng)}
+    full = {"trainval": _draw_labels(n_trainval, num_classes, max_objects, rng, min_objects),
+            "test": _draw_labels(n_test, num_classes, max_objects, rng, min_objects)}
     # COLE's protocol: the single positive is drawn on the whole train pool, before the split.
     observed = single_positive(full["trainval"], seed=label_seed)
     train_idx, val_idx = split_train_val(n_trainval, n_val / n_trainval, seed=label_seed)
@@ -151,7 +159,8 @@ def build(out: Path, num_classes: int, n_train: int, n_val: int, n_test: int, si
     manifest = make_manifest("synthetic", names, splits, train_counts(all_train_labels, num_classes, rest),
                              build_args={"classes": num_classes, "train": n_train, "val": n_val, "test": n_test,
                                          "size": size, "seed": seed, "shard_size": shard_size,
-                                         "max_objects": max_objects, "quality": quality})
+                                         "min_objects": min_objects, "max_objects": max_objects,
+                                         "quality": quality})
     write_json_atomic(out / "manifest.json", manifest)
     return manifest
 
@@ -162,8 +171,11 @@ def main(argv: list[str] | None = None) -> None:
         prog="python -m shards synthetic",
         description="Generate synthetic multi-object images as WebDataset shards with full and "
                     "single-positive labels.",
-        epilog="example: python -m shards synthetic --out data/smoke --classes 10 --train 200 --val 50 "
-               "--test 50 --size 64")
+        epilog="examples: python -m shards synthetic --out data/smoke --classes 10 --train 200 --val 50 "
+               "--test 50 --size 64\n"
+               "          python -m shards synthetic --out data/pretrain --objects 1 --train 2000   "
+               "(single-object images to pretrain a trunk on)",
+        formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--out", type=Path, required=True, help="output folder (created)")
     parser.add_argument("--classes", type=int, default=20, help="number of classes (default 20)")
     parser.add_argument("--train", type=int, default=2000, help="training images (default 2000)")
@@ -174,8 +186,15 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--label-seed", type=int, default=1200, help="COLE seed of split and single positive")
     parser.add_argument("--shard-size", type=int, default=250, help="samples per tar (default 250)")
     parser.add_argument("--max-objects", type=int, default=4, help="objects per image: 1..N (default 4)")
+    parser.add_argument("--objects", type=int, default=None,
+                        help="exactly N objects per image, overriding --max-objects; 1 gives single-label images "
+                             "to pretrain a trunk on (an ImageNet stand-in)")
     args = parser.parse_args(argv)
-    m = build(args.out, args.classes, args.train, args.val, args.test, args.size, args.seed,
-              args.shard_size, args.max_objects, label_seed=args.label_seed)
+    low, high = (args.objects, args.objects) if args.objects is not None else (1, args.max_objects)
+    try:
+        m = build(args.out, args.classes, args.train, args.val, args.test, args.size, args.seed,
+                  args.shard_size, high, label_seed=args.label_seed, min_objects=low)
+    except ValueError as e:
+        parser.error(str(e))
     counts = {k: v["num_samples"] for k, v in m["splits"].items()}
     print(f"wrote {counts} with {len(m['classes'])} classes to {args.out}")
