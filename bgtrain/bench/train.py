@@ -51,8 +51,7 @@ from bgtrain.config import DataConfig, EngineConfig, ModelConfig, TrainConfig
 from bgtrain.data import Batch, build_loader
 from bgtrain.distributed import WorldInfo
 
-# The step's parts come from the project's factories only (the lead adjusts these two lines when engine.py and
-# losses.py become packages).
+# The step's parts come from the project's factories and the trainer's own step: the bench measures the real step.
 from bgtrain.engines import DTYPES, build_engine
 from bgtrain.losses import Criterion, build_criterion
 from bgtrain.model import build_model
