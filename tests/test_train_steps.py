@@ -169,16 +169,26 @@ def _engine_worker(rank: int, world: int, port: int, shards: str, out_dir: str, 
 
         # Rank 1 has no valid row in a step where rank 0 has data: both finish the step, and agree.
         module = engine.module
-        bn_before = {k: v.clone() for k, v in module.state_dict().items() if "running" in k}
+
+        def running_stats() -> torch.Tensor:
+            return torch.cat([v.flatten().float() for k, v in module.state_dict().items() if "running" in k])
+
+        bn_before = running_stats()
         step = batches[1] if rank == 0 else _without_data(batches[1], step_has_data=True)
         assert train_step(engine, criterion, step, 1) is not None
         flat = torch.cat([p.detach().flatten() for p in module.parameters()])
         gathered = [torch.empty_like(flat) for _ in range(world)]
         dist.all_gather(gathered, flat)
         assert torch.equal(gathered[0], gathered[1]), "ranks disagree after a step where one had no rows"
-        bn_after = {k: v for k, v in module.state_dict().items() if "running" in k}
-        changed = any(not torch.equal(bn_before[k], bn_after[k]) for k in bn_before)
-        assert changed == (rank == 0), "BatchNorm statistics must move only where there were real rows"
+        # Before each forward both engines copy rank 0's BatchNorm buffers to every rank; after that, only real
+        # rows may move them: rank 0's moved, rank 1's 0-row forward left rank 0's previous statistics as they were.
+        before_on_rank0 = bn_before.clone()
+        dist.broadcast(before_on_rank0, src=0)
+        bn_after = running_stats()
+        if rank == 0:
+            assert not torch.equal(bn_after, bn_before), "real rows must move BatchNorm statistics"
+        else:
+            assert torch.equal(bn_after, before_on_rank0), "a rank without rows must not move BatchNorm statistics"
         Path(out_dir, f"ok{rank}").write_text("ok")
     finally:
         dist.destroy_process_group()
