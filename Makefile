@@ -38,11 +38,11 @@ typecheck: venv
 # Full / AN / LL-R / LL-R+BoostLU fine-tuned from it on multi-object single-positive images, and AN's own
 # checkpoint evaluated with BoostLU at inference only (configs/demo/, docs/results.md).
 data/demo-pretrain/manifest.json: | venv
-	$(PY) -m shards synthetic --out data/demo-pretrain --objects 1 --classes 20 --train 2000 --val 200 --test 200 \
+	$(PY) -m shards synthetic --out data/demo-pretrain --objects 1 --classes 20 --train 1500 --val 200 --test 200 \
 		--size 72 --seed 1 --shard-size 250
 
 data/demo/manifest.json: | venv
-	$(PY) -m shards synthetic --out data/demo --classes 20 --train 1000 --val 200 --test 500 --size 72 --shard-size 125
+	$(PY) -m shards synthetic --out data/demo --classes 20 --train 640 --val 160 --test 400 --size 72 --shard-size 80
 
 demo: venv data/demo/manifest.json data/demo-pretrain/manifest.json
 	$(PY) -m bgtrain.reproduce --table demo --shards data/demo --pretrain data/demo-pretrain --nproc $(NPROC) \
