@@ -100,7 +100,9 @@ def peek(path: str | Path) -> dict:
 
 def rng_state() -> dict:
     """This process's RNG states, as tensors and lists so that weights_only loading accepts them."""
-    np_state = np.random.get_state()
+    np_state = np.random.get_state(legacy=True)
+    if isinstance(np_state, dict):  # only for a bit generator other than the global MT19937
+        raise RuntimeError("numpy's global RNG is not MT19937; its state cannot be checkpointed")
     return {"torch": torch.get_rng_state(), "python": list(random.getstate()[1]),
             "numpy": torch.from_numpy(np_state[1].astype(np.int64)), "numpy_pos": int(np_state[2]),
             "cuda": torch.cuda.get_rng_state() if torch.cuda.is_available() else torch.empty(0, dtype=torch.uint8)}

@@ -18,6 +18,7 @@ from typing import Any, Literal
 
 import yaml
 
+Backend = Literal["webdataset", "dali"]  # data.backend
 Scheme = Literal["full", "AN", "LL-R", "LL-Ct", "LL-Cp", "LS", "ASL", "EPR", "ROLE", "EM", "EM-APL"]
 
 
@@ -93,7 +94,7 @@ class ModelConfig:
 @dataclass
 class DataConfig:
     shards: str = setting("data/smoke", "shard folder with `manifest.json` (built by `python -m shards`)")
-    backend: Literal["webdataset", "dali"] = setting("webdataset", "loader backend")
+    backend: Backend = setting("webdataset", "loader backend")
     decode: Literal["cpu", "gpu"] = setting(
         "cpu", "webdataset backend: `cpu` (PIL in loader workers) or `gpu` (nvJPEG via torchvision)")
     labels: Literal["observed", "full"] = setting(
@@ -323,9 +324,9 @@ def _validate(cfg: TrainConfig) -> None:
     if cfg.engine.zero_stage != 0 and cfg.engine.engine != "deepspeed":
         raise ConfigError(f"engine.zero_stage: {cfg.engine.zero_stage} needs engine.engine=deepspeed")
     if cfg.engine.engine == "deepspeed":  # options the DeepSpeed engine cannot honour fail here, not silently
-        for key, on in (("engine.compile", cfg.engine.compile), ("engine.sync_bn", cfg.engine.sync_bn)):
+        for name, on in (("engine.compile", cfg.engine.compile), ("engine.sync_bn", cfg.engine.sync_bn)):
             if on:
-                raise ConfigError(f"{key}: is not supported with engine.engine=deepspeed; set {key}=false or use "
+                raise ConfigError(f"{name}: is not supported with engine.engine=deepspeed; set {name}=false or use "
                                   "engine.engine=ddp")
 
 

@@ -10,6 +10,7 @@ import subprocess
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
+from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -153,7 +154,11 @@ def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
     return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
 
 
-def broadcast_object(obj: object, src: int = 0) -> object:
+T = TypeVar("T")
+
+
+def broadcast_object(obj: T, src: int = 0) -> T:
+    """Rank ``src``'s ``obj`` on every rank (``obj`` itself without a process group)."""
     if world_size() == 1:
         return obj
     box = [obj]

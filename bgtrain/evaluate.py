@@ -77,9 +77,9 @@ def sharded_ap_with_counts(scores_local, labels_local, group=None) -> APResult:
     if scores.dtype not in dtypes:
         raise ValueError(f"scores must be one of {dtypes}, got {scores.dtype}")
     meta = torch.tensor([scores.shape[0], scores.shape[1], dtypes.index(scores.dtype)], dtype=torch.int64, device=dev)
-    metas = [torch.empty_like(meta) for _ in range(world)]
-    dist.all_gather(metas, meta, group=group)
-    metas = [m.tolist() for m in metas]
+    gathered = [torch.empty_like(meta) for _ in range(world)]
+    dist.all_gather(gathered, meta, group=group)
+    metas: list[list[int]] = [m.tolist() for m in gathered]
     if len({(m[1], m[2]) for m in metas}) != 1:
         raise ValueError(f"ranks disagree on (num_classes, score dtype): {[(m[1], dtypes[m[2]]) for m in metas]}")
     num_classes = metas[0][1]

@@ -60,6 +60,7 @@ import time
 import traceback
 from collections.abc import Callable, Iterator
 from pathlib import Path
+from typing import Any
 
 import torch
 
@@ -103,14 +104,21 @@ def check_case(shape: tuple[int, int, int, int], dtype: torch.dtype, channels_la
     (ge_ref,) = torch.autograd.grad(e_ref, y_ref, gy)
 
     tol = TOLERANCE[dtype]
-    row = {"shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "channels_last": channels_last,
-           "pool_fwd_rel": rel_err(out_ext, out_ref), "pool_bwd_rel": rel_err(g_ext, g_ref),
-           "grad_layout_kept": g_ext.is_contiguous(memory_format=torch.channels_last) == channels_last
-           or shape[1] == 1 or shape[2] * shape[3] == 1,
-           "boostlu_fwd_exact": bool(torch.equal(e_ext, e_ref)), "boostlu_bwd_exact": bool(torch.equal(ge_ext, ge_ref))}
+    row: dict[str, Any] = {
+        "shape": list(shape), "dtype": str(dtype).removeprefix("torch."), "channels_last": channels_last,
+        "pool_fwd_rel": rel_err(out_ext, out_ref), "pool_bwd_rel": rel_err(g_ext, g_ref),
+        "grad_layout_kept": g_ext.is_contiguous(memory_format=torch.channels_last) == channels_last
+        or shape[1] == 1 or shape[2] * shape[3] == 1,
+        "boostlu_fwd_exact": bool(torch.equal(e_ext, e_ref)), "boostlu_bwd_exact": bool(torch.equal(ge_ext, ge_ref))}
     row["ok"] = (row["pool_fwd_rel"] <= tol and row["pool_bwd_rel"] <= tol and row["grad_layout_kept"]
                  and row["boostlu_fwd_exact"] and row["boostlu_bwd_exact"])
     return row
+
+
+def _weight_grad(layer: torch.nn.Conv2d) -> torch.Tensor:
+    if layer.weight.grad is None:
+        raise RuntimeError("backward left no gradient on the conv weight")
+    return layer.weight.grad
 
 
 def check_compile(device: str) -> dict:
@@ -130,12 +138,13 @@ def check_compile(device: str) -> dict:
     x = torch.randn(8, 64, 14, 14, device=device).to(memory_format=torch.channels_last)
     eager = head(x)
     eager.sum().backward()
-    g_eager = head.conv.weight.grad.clone()
+    g_eager = _weight_grad(head.conv).clone()
     head.zero_grad()
     compiled = torch.compile(head, fullgraph=True)(x)
     compiled.sum().backward()
-    row = {"check": "compile", "implementation": active_implementation(device),
-           "fwd_rel": rel_err(compiled, eager), "weight_grad_rel": rel_err(head.conv.weight.grad, g_eager)}
+    row: dict[str, Any] = {"check": "compile", "implementation": active_implementation(device),
+                           "fwd_rel": rel_err(compiled, eager),
+                           "weight_grad_rel": rel_err(_weight_grad(head.conv), g_eager)}
     row["ok"] = row["fwd_rel"] <= 1e-3 and row["weight_grad_rel"] <= 1e-3  # TF32 convs may differ
     return row
 
@@ -198,10 +207,14 @@ def check_boostlu_bench(smoke: bool, log: Callable[[dict], None]) -> dict:
     impls = ["eager", "ext"] if smoke else ["eager", "compile", "ext"]
     rows: list[dict] = []
     summaries = {}
+
+    def record(row: dict) -> None:
+        rows.append(row)
+        log(row)
+
     for cl in (False, True):
         summaries["channels_last" if cl else "contiguous"] = boostlu.run(
-            device, [shape], [dtype], impls, 5.0, cl, 2 if smoke else 10, 3 if smoke else 50,
-            lambda row: (rows.append(row), log(row)))
+            device, [shape], [dtype], impls, 5.0, cl, 2 if smoke else 10, 3 if smoke else 50, record)
     ext = {("channels_last" if r["channels_last"] else "contiguous"): r["time_us"]
            for r in rows if r["impl"] == "ext" and r["pass"] == "fwd+bwd"}
     out = {"ok": all(r["rel_err_vs_eager"] <= TOLERANCE[boostlu.DTYPES[dtype]] * 10 for r in rows),
@@ -288,7 +301,12 @@ def check_bench_train(smoke: bool, log: Callable[[dict], None]) -> dict:
         argv = ["--synthetic", "256", "--source-size", "512", "--backend", "dali", "webdataset", "--decode", "gpu",
                 "--compile", "both"]
     records: list[dict] = []
-    train.main(argv, emit=lambda r: (records.append(r), log(r)))
+
+    def record(r: dict) -> None:
+        records.append(r)
+        log(r)
+
+    train.main(argv, emit=record)
     summaries = [r for r in records if r.get("summary")]
     best = max(summaries, key=lambda s: s["end_to_end_img_per_s"])
     out = {"ok": bool(summaries) and all(s["end_to_end_img_per_s"] > 0 for s in summaries), "argv": argv,
@@ -440,6 +458,9 @@ def check_dali(wheels: Path | None, target: Path, log: Callable[[dict], None]) -
     except ImportError as e:
         hint = "" if wheels else "; bring its wheel in by hand and pass --wheels DIR (see --help)"
         return {"ok": False, "installed": installed, "error": f"nvidia.dali does not import ({e}){hint}"}
+    if dali.__file__ is None:  # a namespace package, not the DALI wheel
+        return {"ok": False, "installed": installed,
+                "error": "nvidia.dali imports but is not the DALI package (it has no file)"}
     out = {"ok": True, "installed": installed, "version": dali.__version__, "path": str(Path(dali.__file__).parent)}
     log({"check": "dali", **out})
     return out

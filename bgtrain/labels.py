@@ -60,7 +60,7 @@ def keep_fraction(full: np.ndarray, fraction: float, seed: int) -> np.ndarray:
     return observed
 
 
-def pad_id_lists(lists: list[list[int]]) -> torch.Tensor:
+def pad_id_lists(lists: Sequence[Sequence[int]]) -> torch.Tensor:
     """Variable-length class-id lists as one (B, L) int32 tensor padded with -1."""
     width = max((len(x) for x in lists), default=0)
     out = torch.full((len(lists), max(width, 1)), -1, dtype=torch.int32)

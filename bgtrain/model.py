@@ -88,9 +88,12 @@ class CamResNet(nn.Module):
                              f"(is it a ResNet of the configured depth?)")
         fc_w, fc_b = state.get("fc.weight"), state.get("fc.bias")
         if fc_w is not None and fc_w.shape[0] == self.num_classes:
+            bias = self.classifier.bias
+            if bias is None:  # built with bias=True in __init__
+                raise RuntimeError("the classifier has no bias")
             with torch.no_grad():
                 self.classifier.weight.copy_(fc_w.reshape(self.classifier.weight.shape))
-                self.classifier.bias.copy_(fc_b)
+                bias.copy_(fc_b)
 
     def torchvision_state_dict(self, head: bool = True) -> dict[str, torch.Tensor]:
         """The inverse of :meth:`load_torchvision_weights`: torchvision ResNet keys; the 1x1 conv becomes ``fc``."""

@@ -21,7 +21,7 @@ from bgtrain.engines.base import Engine
 from bgtrain.evaluate import report, sharded_ap_with_counts
 from bgtrain.losses import Criterion, LossOutput, build_criterion
 from bgtrain.metrics import mean_ap
-from bgtrain.model import build_model
+from bgtrain.model import CamResNet, build_model
 from bgtrain.ops import active_implementation
 from bgtrain.predict import predict
 from bgtrain.report.cams import EpochCams
@@ -172,8 +172,8 @@ class Trainer:
         if resume is None and restart_count() > 0:
             # A torchrun restart is this run's next attempt: continue it, do not train (and log) it all again.
             resume = "latest"
-        path = self.saver.resolve(resume) if self.world.is_main else None
-        path = broadcast_object(str(path) if path else None)
+        found = self.saver.resolve(resume) if self.world.is_main else None
+        path = broadcast_object(str(found) if found else None)
         if not path:
             return
         state = ckpt.load(path)
@@ -186,7 +186,7 @@ class Trainer:
 
     def save(self, is_best: bool = False) -> None:
         """Checkpoint now (collective: every rank must call it)."""
-        rngs = [None] * self.world.world_size
+        rngs: list[dict | None] = [None] * self.world.world_size
         if dist.is_initialized():
             dist.all_gather_object(rngs, ckpt.rng_state())
         else:
@@ -269,6 +269,8 @@ class Trainer:
         self.log.record(kind="val", epoch=epoch, step=self.global_step, val_map=val_map, **info)
         self._warn_shortfall(f"val mAP of epoch {epoch}", info.get("data", {}))
         if self.epoch_cams is not None:  # rank 0 alone, no collective: the same pictures every epoch
+            if not isinstance(self.engine.module, CamResNet):
+                raise TypeError(f"epoch CAMs need the unwrapped CamResNet, got {type(self.engine.module).__name__}")
             for tag, picture in self.epoch_cams.render(self.engine.module, self.device):
                 self.log.image(tag, picture, self.global_step)
         self.log.message(f"epoch {epoch}: val mAP {val_map:.2f} "
@@ -280,6 +282,8 @@ class Trainer:
     def _test_best(self) -> dict:
         cfg, best = self.cfg, self.best
         best_path = broadcast_object(str(self.saver.folder / "best.pt") if self.world.is_main else None)
+        if best_path is None:
+            raise RuntimeError("rank 0 broadcast no path of the best checkpoint")
         if dist.is_initialized():
             dist.barrier()
         self.engine.load_state_dict(ckpt.load(best_path)["engine"])

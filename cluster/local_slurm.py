@@ -244,7 +244,7 @@ def up(spec: ClusterSpec) -> None:
 
 def _kill(pid: int | None, spec: ClusterSpec) -> None:
     """SIGTERM one of our daemons, wait up to 5 s, then SIGKILL."""
-    if not _ours(pid, spec):
+    if pid is None or not _ours(pid, spec):
         return
     os.kill(pid, 15)
     for _ in range(50):

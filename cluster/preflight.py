@@ -25,6 +25,7 @@ from rich.console import Console
 from rich.table import Table
 
 from bgtrain.distributed import WorldInfo, world_info_from_env
+from shards.format import read_member
 
 console = Console(stderr=True)
 
@@ -69,7 +70,7 @@ def _first_member(path: Path) -> None:
         member = tar.next()
         if member is None:
             raise ValueError("empty tar")
-        tar.extractfile(member).read()
+        read_member(tar, member)
 
 
 def expected_size(path: Path, entry: dict) -> int | None:

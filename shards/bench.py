@@ -25,11 +25,11 @@ def pil_loop(paths: list[Path], max_side: int, quality: int) -> int:
     done = 0
     for p in paths:
         try:
-            with Image.open(p) as im:
-                im = im.convert("RGB")
+            with Image.open(p) as opened:
+                im = opened.convert("RGB")
                 size = target_size(im.size, max_side)
                 if size != im.size:
-                    im = im.resize(size, Image.BICUBIC)
+                    im = im.resize(size, Image.Resampling.BICUBIC)
                 im.save(io.BytesIO(), format="JPEG", quality=quality)
                 done += 1
         except OSError:

@@ -49,7 +49,7 @@ class RateColumn(ProgressColumn):
         super().__init__()
         self.unit = unit
 
-    def render(self, task) -> str:  # type: ignore[override]
+    def render(self, task) -> str:
         return f"{task.speed or 0:,.0f} {self.unit}/s"
 
 
@@ -236,8 +236,8 @@ def build(data: DatasetRecords, out: Path, opts: BuildOptions, workers: int = 1,
     pool = ctx.Pool(workers) if workers > 1 else None
     try:
         with progress_bar(disable=not show_progress) as progress:
-            for b in builders.values():
-                b.run(pool, progress)
+            for builder in builders.values():
+                builder.run(pool, progress)
     finally:
         if pool is not None:
             pool.terminate()

@@ -139,7 +139,7 @@ def decode_label_rows(lbl: np.ndarray, lengths: np.ndarray | None = None) -> Lab
     counts = np.where(ok[:, None], counts, 0)
     starts = HEADER + np.concatenate([np.zeros((len(lbl), 1), np.int64), np.cumsum(counts, 1)], 1)
     lists = [_gather_ids(lbl, starts[:, k], counts[:, k]) for k in range(4)]
-    return LabelRows(np.where(ok, lbl[:, 0], -1).astype(np.int64), *lists, ok)
+    return LabelRows(np.where(ok, lbl[:, 0], -1).astype(np.int64), lists[0], lists[1], lists[2], lists[3], ok)
 
 
 def _gather_ids(lbl: np.ndarray, start: np.ndarray, count: np.ndarray) -> np.ndarray:
@@ -147,6 +147,14 @@ def _gather_ids(lbl: np.ndarray, start: np.ndarray, count: np.ndarray) -> np.nda
     col = np.arange(width)
     idx = np.minimum(start[:, None] + col, lbl.shape[1] - 1)
     return np.where(col < count[:, None], np.take_along_axis(lbl, idx, 1), -1).astype(np.int32)
+
+
+def read_member(tar: tarfile.TarFile, member: tarfile.TarInfo) -> bytes:
+    """The bytes of one regular-file member of an open tar (a ShardError naming it for anything else)."""
+    f = tar.extractfile(member)
+    if f is None:
+        raise ShardError(f"{os.fsdecode(tar.name or 'tar')}: member {member.name} is not a regular file")
+    return f.read()
 
 
 def sample_key(split: str, sample_id: int) -> str:

@@ -85,7 +85,7 @@ def prepare(data: bytes, max_side: int | None = None, quality: int = 90) -> tupl
             warnings.simplefilter("error", Image.DecompressionBombWarning)
             with Image.open(io.BytesIO(data)) as probe:
                 probe.verify()
-            im = Image.open(io.BytesIO(data))
+            im: Image.Image = Image.open(io.BytesIO(data))
             fmt, mode, size = im.format, im.mode, im.size
             orientation = _orientation(im)
             new_size = target_size(size, max_side)
@@ -124,7 +124,7 @@ def prepare(data: bytes, max_side: int | None = None, quality: int = 90) -> tupl
         im = im.convert("RGB")
         final = target_size(im.size, max_side)
         if im.size != final:
-            im = im.resize(final, Image.BICUBIC)
+            im = im.resize(final, Image.Resampling.BICUBIC)
         buf = io.BytesIO()
         # Fixed settings and no metadata: the same input always gives the same bytes.
         im.save(buf, format="JPEG", quality=quality, subsampling=2, optimize=False, progressive=False)

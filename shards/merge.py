@@ -17,6 +17,7 @@ from shards.format import (
     ShardWriter,
     decode_labels,
     read_manifest,
+    read_member,
     sample_key,
     shard_name,
     write_json_atomic,
@@ -41,7 +42,7 @@ def read_samples(tar_path: Path):
                 yield key, members
                 members = {}
             key = k
-            members[ext] = tar.extractfile(m).read()
+            members[ext] = read_member(tar, m)
         if key is not None:
             yield key, members
 
@@ -79,7 +80,9 @@ def merge(out: Path, workers: int = 1) -> dict:
             raise RuntimeError(f"{d}: built with other classes or seed than {dirs[0]}")
     classes = first["classes"]
 
-    tasks, splits, entries = [], {}, {}
+    tasks: list = []
+    splits: dict = {}
+    entries: dict = {}
     for split in first["splits"]:
         offset, k = 0, 0
         (out / split).mkdir(parents=True, exist_ok=True)

@@ -27,14 +27,16 @@ def class_table(manifest: dict, top: int | None = None) -> Table:
     """Per-class train annotation counts, rarest first by full positives (the group-wise mAP order)."""
     counts, classes = manifest["train_counts"], manifest["classes"]
     order = sorted(range(len(classes)), key=lambda c: (counts["full_pos"][c], c))
+    hidden = 0
     if top is not None and len(order) > 2 * top:
         order = order[:top] + [-1] + order[-top:]
+        hidden = len(classes) - 2 * top
     t = Table(title="train annotations per class (rarest first)")
     for col in ("id", "class", "full pos", "full neg", "obs pos", "obs neg"):
         t.add_column(col, justify="left" if col == "class" else "right")
     for c in order:
         if c < 0:
-            t.add_row("...", f"({len(classes) - 2 * top} classes)", "", "", "", "")
+            t.add_row("...", f"({hidden} classes)", "", "", "", "")
             continue
         t.add_row(str(c), classes[c], *(f"{counts[k][c]:,}" for k in ("full_pos", "full_neg", "obs_pos", "obs_neg")))
     return t

@@ -10,7 +10,7 @@ import tarfile
 from pathlib import Path
 
 from shards.build import progress_bar
-from shards.format import decode_labels, read_manifest, sample_key, sha256_file
+from shards.format import SampleLabels, decode_labels, read_manifest, sample_key, sha256_file
 from shards.images import Rejected, check_jpeg
 from shards.manifest import train_counts
 from shards.merge import read_samples
@@ -39,7 +39,8 @@ def verify(root: Path, decode: bool = True) -> list[str]:
     with progress_bar() as progress:
         bar = progress.add_task("verify", total=total)
         for split, info in manifest["splits"].items():
-            next_id, labels = 0, []
+            next_id = 0
+            labels: list[SampleLabels] = []
             for sh in info["shards"]:
                 tar = root / split / sh["name"]
                 if not tar.is_file():

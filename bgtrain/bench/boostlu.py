@@ -52,12 +52,13 @@ def floor_bytes(shape: tuple[int, ...], dtype: torch.dtype, pass_: str) -> int:
 
 def parse_shapes(text: str) -> list[tuple[int, int, int, int]]:
     """'64x5000x14x14,256x80x14x14' -> [(64, 5000, 14, 14), (256, 80, 14, 14)]."""
-    shapes = []
+    shapes: list[tuple[int, int, int, int]] = []
     for item in text.split(","):
         parts = item.strip().lower().split("x")
         if len(parts) != 4 or not all(p.isdigit() and int(p) > 0 for p in parts):
             raise SystemExit(f"--shapes: {item!r} is not BxCxHxW with positive integers, e.g. 64x5000x14x14")
-        shapes.append(tuple(int(p) for p in parts))
+        b, c, h, w = (int(p) for p in parts)
+        shapes.append((b, c, h, w))
     return shapes
 
 
@@ -89,14 +90,14 @@ def time_us(step: Callable[[], object], device: torch.device, warmup: int, iters
     return statistics.median(samples)
 
 
-def _make_steps(fn: Callable, cam: torch.Tensor, grad: torch.Tensor) -> dict[str, Callable[[], object]]:
+def _make_steps(fn: Callable, cam: torch.Tensor, grad: torch.Tensor) -> dict[str, Callable[[], torch.Tensor]]:
     cam_g = cam.detach().requires_grad_(True)
 
-    def fwd():
+    def fwd() -> torch.Tensor:
         with torch.no_grad():
             return fn(cam)
 
-    def fwd_bwd():
+    def fwd_bwd() -> torch.Tensor:
         return torch.autograd.grad(fn(cam_g), cam_g, grad)[0]
 
     return {"fwd": fwd, "fwd+bwd": fwd_bwd}
@@ -108,7 +109,10 @@ def _implementations(names: list[str], alpha: float) -> dict[str, Callable]:
         if name == "eager":
             impls[name] = lambda cam: reference.boostlu_pool(cam, alpha)
         elif name == "compile":
-            impls[name] = torch.compile(lambda cam: reference.boostlu_pool(cam, alpha), dynamic=False)
+            def eager_pool(cam: torch.Tensor) -> torch.Tensor:
+                return reference.boostlu_pool(cam, alpha)
+
+            impls[name] = torch.compile(eager_pool, dynamic=False)
         elif name == "ext":
             impls[name] = lambda cam: library.boostlu_pool(cam, alpha)
         else:

@@ -23,16 +23,17 @@ import tempfile
 import time
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
+from typing import cast
 
 import numpy as np
 import torch
 from PIL import Image
 
-from bgtrain.config import DataConfig
+from bgtrain.config import Backend, DataConfig
 from bgtrain.data import Batch, Loader, build_loader
 from bgtrain.data.common import IMAGENET_MEAN, IMAGENET_STD, split_info
 from bgtrain.distributed import WorldInfo
-from shards.format import decode_labels
+from shards.format import decode_labels, read_member
 
 BACKENDS = ("dali", "webdataset", "files")
 
@@ -66,9 +67,9 @@ def unpack(shard_paths: Iterable[Path], out: Path, num_classes: int) -> tuple[li
                 if not name.endswith(".jpg"):
                     continue
                 key = name[: -len(".jpg")]
-                labels = decode_labels(t.extractfile(members[key + ".lbl"]).read())
+                labels = decode_labels(read_member(t, members[key + ".lbl"]))
                 path = out / name
-                path.write_bytes(t.extractfile(member).read())
+                path.write_bytes(read_member(t, member))
                 row = np.full(num_classes, -1, np.int8)
                 row[list(labels.obs_pos)] = 1
                 row[list(labels.obs_neg)] = 0
@@ -124,7 +125,9 @@ def run(shards: Path, backends: Sequence[str], batches: int, batch_size: int, wo
             if backend == "files":
                 stream = _endless_files(FilesDataset(paths, labels, image_size), batch_size, workers)
             else:
-                cfg = DataConfig(shards=str(shards), backend=backend, image_size=image_size, batch_size=batch_size,
+                # not 'files', so one of the loader backends (the CLI's choices)
+                cfg = DataConfig(shards=str(shards), backend=cast(Backend, backend), image_size=image_size,
+                                 batch_size=batch_size,
                                  workers=workers, shuffle_buffer=min(256, info.num_samples))
                 stream = endless(build_loader(cfg, split, WorldInfo(), torch.device("cpu"), train=True, seed=0))
             rec = {"backend": backend, **_timed(stream, batches, batch_size), "batches": batches,
@@ -197,8 +200,8 @@ def shrink_shards(src: Path, out: Path, max_side: int, split: str) -> Path:
             for name in members:
                 if name.endswith(".jpg"):
                     key = name[: -len(".jpg")]
-                    jpeg, _ = prepare(t.extractfile(members[name]).read(), max_side)
-                    labels = decode_labels(t.extractfile(members[key + ".lbl"]).read())
+                    jpeg, _ = prepare(read_member(t, members[name]), max_side)
+                    labels = decode_labels(read_member(t, members[key + ".lbl"]))
                     writer.write(key, jpeg, labels, manifest["classes"])
         entries.append(writer.close())
     manifest["splits"] = {split: {**manifest["splits"][split], "shards": entries}}

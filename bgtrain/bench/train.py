@@ -43,11 +43,13 @@ import warnings
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import cast
 
 import torch
+from torch import nn
 
 from bgtrain.bench.loader import endless
-from bgtrain.config import DataConfig, EngineConfig, ModelConfig, TrainConfig
+from bgtrain.config import Backend, DataConfig, EngineConfig, ModelConfig, TrainConfig
 from bgtrain.data import Batch, build_loader
 from bgtrain.distributed import WorldInfo
 
@@ -186,9 +188,9 @@ def build_step_parts(cfg: TrainConfig, num_classes: int, dataset: str, num_sampl
     criterion too (the engine compiles the model only), to measure what that is worth before the engine does it.
     """
     torch.manual_seed(cfg.seed)
-    model = build_model(cfg.model, num_classes)
-    if compile_mode and cfg.engine.compile:
-        model = torch.compile(model.to(device), mode=compile_mode)
+    model: nn.Module = build_model(cfg.model, num_classes)
+    if compile_mode and cfg.engine.compile:  # compiling a Module gives a Module (torch's stub says Callable)
+        model = cast(nn.Module, torch.compile(model.to(device), mode=compile_mode))
         cfg = replace(cfg, engine=replace(cfg.engine, compile=False))
     engine = build_engine(cfg, model, WorldInfo(), device)
     criterion = build_criterion(cfg.loss, dataset, num_samples, num_classes, epochs=cfg.optim.epochs,
@@ -204,7 +206,7 @@ class CompiledLoss(Criterion):
     def __init__(self, inner: Criterion, mode: str | None) -> None:
         self.inner, self.loss = inner, torch.compile(inner.__call__, mode=mode)
 
-    def __call__(self, *args, **kwargs):  # type: ignore[override]
+    def __call__(self, *args, **kwargs):
         return self.loss(*args, **kwargs)
 
     def prepare_labels(self, labels: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
@@ -214,7 +216,7 @@ class CompiledLoss(Criterion):
         self.inner.after_step(out, sample_ids)
 
 
-def _loader_stream(cfg: TrainConfig, backend: str, device: torch.device, dtype: torch.dtype):
+def _loader_stream(cfg: TrainConfig, backend: Backend, device: torch.device, dtype: torch.dtype):
     data = replace(cfg.data, backend=backend)
     loader = build_loader(data, "train", WorldInfo(), device, train=True, seed=cfg.seed,
                           channels_last=cfg.model.channels_last, dtype=dtype)

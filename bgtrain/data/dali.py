@@ -67,8 +67,9 @@ def build_pipeline(tars: list[str], *, rank: int, world: int, batch_size: int, i
     """The DALI pipeline: jpg + lbl members -> RGB decode -> resize to a square, padded int32 labels."""
     from nvidia.dali import fn, pipeline_def, types
 
-    @pipeline_def(batch_size=batch_size, num_threads=max(1, threads), device_id=device_id, seed=seed,
-                  prefetch_queue_depth=2)
+    # device_id None makes a CPU-only pipeline (DALI accepts it; its annotation says int)
+    @pipeline_def(batch_size=batch_size, num_threads=max(1, threads), device_id=device_id,  # type: ignore[arg-type]
+                  seed=seed, prefetch_queue_depth=2)
     def pipeline():
         jpg, lbl = fn.readers.webdataset(
             paths=tars, index_paths=index_paths(tars), ext=["jpg", "lbl"], dtypes=[types.UINT8, types.INT32],

@@ -35,10 +35,11 @@ def decode_batch(jpegs: list[bytes], size: int, device: torch.device) -> tuple[t
     decoded = torch.zeros(len(jpegs), dtype=torch.bool)
     out = torch.zeros((len(jpegs), 3, size, size), dtype=torch.uint8, device=device)
     todo = [i for i, b in enumerate(jpegs) if len(b) > 0]
-    lookup = dict(zip(todo, _decode(jpegs, todo, device)))
+    lookup: dict[int, torch.Tensor] = {}
     by_shape: dict[tuple[int, ...], list[int]] = {}
-    for i, img in lookup.items():
+    for i, img in zip(todo, _decode(jpegs, todo, device)):
         if img is not None:
+            lookup[i] = img
             by_shape.setdefault(tuple(img.shape[1:]), []).append(i)
     for rows in by_shape.values():  # one resize call per source size
         out[rows] = resize_uint8(torch.stack([lookup[i] for i in rows]), size)

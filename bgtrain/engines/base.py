@@ -43,8 +43,9 @@ class Engine(Protocol):
 
 def param_groups(model: nn.Module, lr: float, head_lr_mult: float) -> list[dict]:
     """The paper's two learning rates: the trunk at lr, the 1x1 classifier at lr * head_lr_mult."""
-    return [{"params": model.trunk_parameters(), "lr": lr},
-            {"params": model.head_parameters(), "lr": lr * head_lr_mult}]
+    # model is a CamResNet, or torch.compile's wrapper of one (which forwards attribute look-ups to it)
+    return [{"params": model.trunk_parameters(), "lr": lr},  # type: ignore[operator]
+            {"params": model.head_parameters(), "lr": lr * head_lr_mult}]  # type: ignore[operator]
 
 
 def build_optimizer(model: nn.Module, cfg: TrainConfig) -> torch.optim.Optimizer:

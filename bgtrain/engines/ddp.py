@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import contextlib
 from collections.abc import Callable
+from typing import cast
 
 import torch
 from torch import nn
@@ -26,9 +27,11 @@ class DDPEngine:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.module = model.to(device)
         self.optimizer = build_optimizer(self.module, cfg)
-        runner = torch.compile(self.module) if cfg.engine.compile else self.module  # compile before the wrap
-        self.model = (DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
-                      if world.world_size > 1 else runner)
+        # compile before the wrap; compiling a Module gives an OptimizedModule (a Module; torch's stub says Callable)
+        runner = cast(nn.Module, torch.compile(self.module)) if cfg.engine.compile else self.module
+        self.model: nn.Module = (
+            DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
+            if world.world_size > 1 else runner)
         self.dtype = DTYPES[cfg.engine.precision]
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.engine.precision == "fp16")
         self.micro_step = 0
@@ -41,7 +44,9 @@ class DDPEngine:
         accum = self.cfg.optim.grad_accum
         self.micro_step += 1
         boundary = self.micro_step % accum == 0
-        sync = contextlib.nullcontext() if boundary or self.world.world_size == 1 else self.model.no_sync()
+        # the model is DDP-wrapped exactly when world_size > 1
+        sync = (self.model.no_sync() if not boundary and isinstance(self.model, DistributedDataParallel)
+                else contextlib.nullcontext())
         with sync:
             with self.autocast():
                 logits = self.model(images)

@@ -57,7 +57,8 @@ class DeepSpeedEngine:
         apply_tf32(cfg, device)
         # ZeRO flattens parameters into contiguous buffers and its broadcast views them as bytes, so
         # weights stay in the default layout here; inputs are still channels-last.
-        self.module = model.to(device, memory_format=torch.contiguous_format)
+        # torch's stubs lack the to(device, memory_format=...) overload that Module.to accepts
+        self.module = model.to(device, memory_format=torch.contiguous_format)  # type: ignore[call-overload]
         optimizer = build_optimizer(self.module, cfg)
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer,
                                                                 config=deepspeed_config(cfg))
@@ -89,7 +90,7 @@ class DeepSpeedEngine:
 
     def state_dict(self) -> dict:
         """Model, and every rank's optimizer state (a collective: all ranks must call it)."""
-        shards = [None] * self.world.world_size
+        shards: list[dict | None] = [None] * self.world.world_size
         if dist.is_initialized() and dist.get_world_size() > 1:
             dist.all_gather_object(shards, self._optimizer_state())
         else:

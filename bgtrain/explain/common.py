@@ -26,7 +26,7 @@ def class_names_for(cfg: TrainConfig, num_classes: int, shards: str | None = Non
     return [f"class_{i}" for i in range(num_classes)]
 
 
-def load_font(size: int) -> ImageFont.ImageFont:
+def load_font(size: int) -> ImageFont.ImageFont | ImageFont.FreeTypeFont:
     """PIL's built-in scalable font at ``size`` px (no font files needed)."""
     try:
         return ImageFont.load_default(size=size)

@@ -23,6 +23,7 @@ import json
 import math
 from collections.abc import Sequence
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -216,7 +217,7 @@ def collect_pairs(model_a, model_b, loader, max_images: int | None, progress: Ru
     progress.finish(task)
     if not parts:
         raise ValueError("no images to analyse (empty split, or --max-images 0)")
-    merged = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
+    merged: dict[str, Any] = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}
     merged["images"] = seen
     merged["cam_size"] = tuple(cam_a.shape[-2:])
     return merged

@@ -15,6 +15,7 @@ import re
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 import torch
@@ -195,11 +196,11 @@ def run_overlay(args: argparse.Namespace) -> dict:
         pictures = pictures_from_shards(cfg, args.shards, args.split, args.count, size)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
-    index = {"checkpoint": str(args.checkpoint), "alpha": alpha, "size": size, "classes": list(args.classes),
-             "images": []}
+    index: dict[str, Any] = {"checkpoint": str(args.checkpoint), "alpha": alpha, "size": size,
+                             "classes": list(args.classes), "images": []}
     for picture in pictures:
         overlays, sheet = render_overlays(model, picture, names, args.classes, alpha, device)
-        entry = {"name": picture.name, "sheet": f"{_safe(picture.name)}_sheet.png", "overlays": []}
+        entry: dict[str, Any] = {"name": picture.name, "sheet": f"{_safe(picture.name)}_sheet.png", "overlays": []}
         sheet.save(out / entry["sheet"])
         for c, score, image in overlays:
             file = f"{_safe(picture.name)}_{_safe(names[c])}.png"

@@ -125,6 +125,8 @@ class RoleCriterion(Criterion):
         dense = torch.zeros_like(self.table)
         dense.index_put_((ids,), grad, accumulate=True)
         self.table.grad = dense
+        if self._optimizer is None:  # made by _to in __call__, which set _pending
+            raise RuntimeError("ROLE: after_step without the table's optimizer (no loss call this step)")
         self._optimizer.step()
         self.table.grad = None
 

@@ -16,6 +16,7 @@ import shutil
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
+from typing import Any
 
 import torch
 
@@ -95,7 +96,7 @@ def _load(name: str, sources: tuple[str, ...], build_dir: Path, cuda_flags: list
     from torch.utils import cpp_extension
 
     build_dir.mkdir(parents=True, exist_ok=True)
-    kwargs = {}
+    kwargs: dict[str, Any] = {}
     if cuda_flags is not None:
         # cpp_extension reads CUDA_HOME once at import and guesses wrong when nvcc is a wrapper; set it for the build.
         cpp_extension.CUDA_HOME = find_cuda_home()
@@ -177,9 +178,15 @@ def cuda_build_dir(archs: str, root: Path | None = None) -> Path:
 
 def build(archs: str | None = None, cpu_only: bool = False, verbose: bool = False) -> list[BuildInfo]:
     """Build the CPU extensions and, unless cpu_only, the CUDA one now; return where they went."""
-    infos = [BuildInfo(m.__name__, Path(m.__file__), "cpu") for m in (load_cpu(verbose), load_ap_cpu(verbose))]
+    infos = [BuildInfo(m.__name__, _module_file(m), "cpu") for m in (load_cpu(verbose), load_ap_cpu(verbose))]
     if not cpu_only:
         resolved = resolve_archs(archs)
         module = load_cuda(resolved, verbose)
-        infos.append(BuildInfo(module.__name__, Path(module.__file__), resolved))
+        infos.append(BuildInfo(module.__name__, _module_file(module), resolved))
     return infos
+
+
+def _module_file(module: ModuleType) -> Path:
+    if module.__file__ is None:  # a built extension is always a file; None would be a namespace package
+        raise RuntimeError(f"extension module {module.__name__} has no file")
+    return Path(module.__file__)

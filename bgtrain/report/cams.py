@@ -93,7 +93,7 @@ def cam_strip(runs: Sequence, count: int, device: torch.device) -> tuple[list[li
         if model.num_classes != len(names):
             notes.append(f"{run.name}: {model.num_classes} classes, the strip's images have {len(names)}; no CAM row")
             continue
-        row = []
+        row: list[np.ndarray | None] = []
         for picture in pictures:
             overlays, _ = render_overlays(model, picture, names, shown_classes(picture, names, 1),
                                           cfg.model.alpha_eval, device)

@@ -82,8 +82,7 @@ def per_epoch_mean(records: Sequence[dict], key: str) -> tuple[list[int], list[f
 
 def selection(runs: Sequence[Run]) -> bytes | None:
     """Large-loss runs: entries selected per batch (epoch mean of logged steps) against the scheme's k per batch."""
-    drawn = [(i, run, ll_schedule(run)) for i, run in enumerate(runs)]
-    drawn = [(i, run, schedule) for i, run, schedule in drawn if schedule is not None]
+    drawn = [(i, run, schedule) for i, run in enumerate(runs) if (schedule := ll_schedule(run)) is not None]
     if not drawn:
         return None
     fig, ax = plt.subplots(figsize=(11, 3.6))
@@ -97,7 +96,8 @@ def selection(runs: Sequence[Run]) -> bytes | None:
     ax.set(title="large-loss selection per batch: measured vs the scheme's k = ceil(B·C·Δ·(epoch-1)) "
                  "(LL-Cp: ceil(B·C·Δ)); rank 0's batch",
            xlabel="epoch", ylabel="entries per batch")
-    ax.xaxis.get_major_locator().set_params(integer=True)
+    # the default locator is an AutoLocator, a MaxNLocator, which takes integer= (the base Locator's stub does not)
+    ax.xaxis.get_major_locator().set_params(integer=True)  # type: ignore[call-arg]
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
     return to_png(fig)
@@ -116,8 +116,7 @@ def throughput(runs: Sequence[Run]) -> bytes | None:
 
 def group_bars(runs: Sequence[Run]) -> bytes | None:
     """Group-wise mAP bars (G1 rarest), one bar per run in each group."""
-    found = [(i, run, run.groups()) for i, run in enumerate(runs)]
-    found = [(i, run, g) for i, run, g in found if g is not None]
+    found = [(i, run, g) for i, run in enumerate(runs) if (g := run.groups()) is not None]
     if not found:
         return None
     names = sorted({group["group"] for _, _, (_, groups) in found for group in groups},
@@ -127,7 +126,7 @@ def group_bars(runs: Sequence[Run]) -> bytes | None:
     for j, (i, run, (source, groups)) in enumerate(found):
         values = {g["group"]: g.get("map") for g in groups}
         xs = [k + j * width for k, n in enumerate(names) if values.get(n) is not None]
-        ys = [values[n] for n in names if values.get(n) is not None]
+        ys = [v for n in names if (v := values.get(n)) is not None]
         ax.bar(xs, ys, width=width, color=colour(i), label=f"{run.name} ({source})")
     ax.set_xticks([k + width * (len(found) - 1) / 2 for k in range(len(names))], names)
     ax.set(title="group-wise mAP (G1: rarest classes)", ylabel="mAP (%)")

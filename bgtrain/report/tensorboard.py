@@ -14,9 +14,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
+
+if TYPE_CHECKING:
+    from torch.utils.tensorboard import SummaryWriter
 
 EVENT_GLOB = "events.out.tfevents.*"
 
@@ -58,10 +61,10 @@ class TensorBoardSink:
     def __init__(self, out_dir: str | Path, flush_secs: int = 30) -> None:
         self.folder = Path(out_dir) / "tb"
         self.flush_secs = flush_secs
-        self._writer = None
+        self._writer: SummaryWriter | None = None
         self._last_step: int | None = None
 
-    def _open(self, step: int | None):
+    def _open(self, step: int | None) -> SummaryWriter:
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 

@@ -63,8 +63,8 @@ def _rows(path: Path, problems: Problems) -> list[tuple[str, list, list, str]]:
         try:
             lines = path.read_bytes().decode("utf-8").splitlines()
         except UnicodeDecodeError as e:
-            line = path.read_bytes()[: e.start].count(b"\n") + 1
-            raise DataError(f"{path}:{line}: not UTF-8; save the list as UTF-8") from None
+            line_no = path.read_bytes()[: e.start].count(b"\n") + 1
+            raise DataError(f"{path}:{line_no}: not UTF-8; save the list as UTF-8") from None
         for n, line in enumerate(lines, 1):
             if not line.strip():
                 continue
@@ -78,8 +78,8 @@ def _rows(path: Path, problems: Problems) -> list[tuple[str, list, list, str]]:
     try:
         text = path.read_bytes().decode("utf-8")
     except UnicodeDecodeError as e:
-        line = path.read_bytes()[: e.start].count(b"\n") + 1
-        raise DataError(f"{path}:{line}: not UTF-8 (byte {path.read_bytes()[e.start]:#04x}); "
+        line_no = path.read_bytes()[: e.start].count(b"\n") + 1
+        raise DataError(f"{path}:{line_no}: not UTF-8 (byte {path.read_bytes()[e.start]:#04x}); "
                         "save the list as UTF-8") from None
     with io.StringIO(text, newline="") as f:
         for n, row in enumerate(csv.reader(f), 1):
