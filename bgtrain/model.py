@@ -102,8 +102,11 @@ class CamResNet(nn.Module):
             index, _, rest = key.partition(".")
             state[f"{TORCHVISION_TRUNK[int(index)]}.{rest}"] = value.detach().clone()
         if head:
+            bias = self.classifier.bias
+            if bias is None:  # built with bias=True in __init__
+                raise RuntimeError("the classifier has no bias")
             state["fc.weight"] = self.classifier.weight.detach().reshape(self.num_classes, -1).clone()
-            state["fc.bias"] = self.classifier.bias.detach().clone()
+            state["fc.bias"] = bias.detach().clone()
         return state
 
 

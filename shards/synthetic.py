@@ -10,6 +10,7 @@ import argparse
 import colorsys
 import io
 from pathlib import Path
+from typing import Any
 
 import numpy as np
 from PIL import Image, ImageDraw
@@ -31,8 +32,8 @@ def class_names(num_classes: int) -> list[str]:
 
 def _appearance(c: int) -> tuple[str, tuple[int, int, int], str]:
     hue = (c * 0.618034) % 1.0
-    rgb = tuple(int(255 * v) for v in colorsys.hsv_to_rgb(hue, 0.85, 0.95))
-    return SHAPES[c % len(SHAPES)], rgb, TEXTURES[(c // len(SHAPES)) % len(TEXTURES)]
+    r, g, b = (int(255 * v) for v in colorsys.hsv_to_rgb(hue, 0.85, 0.95))
+    return SHAPES[c % len(SHAPES)], (r, g, b), TEXTURES[(c // len(SHAPES)) % len(TEXTURES)]
 
 
 def _shape_mask(shape: str, size: int, cx: float, cy: float, r: float) -> Image.Image:
@@ -130,7 +131,8 @@ def build(out: Path, num_classes: int, n_train: int, n_val: int, n_test: int, si
     train_idx, val_idx = split_train_val(n_trainval, n_val / n_trainval, seed=label_seed)
     parts = {"train": ("trainval", train_idx), "val": ("trainval", val_idx), "test": ("test", np.arange(n_test))}
 
-    splits, all_train_labels = {}, []
+    splits: dict[str, dict[str, Any]] = {}
+    all_train_labels: list = []
     with Progress() as progress:
         for split, (pool, rows) in parts.items():
             if rows.size == 0:

@@ -187,7 +187,7 @@ def test_resampled_needs_epoch_samples(smoke_shards):
         len(loader)
 
 
-def test_entry_points_put_large_cpu_tensors_on_huge_pages_unless_told_otherwise():
+def test_entry_points_put_large_cpu_tensors_on_huge_pages_unless_told_otherwise(tmp_path):
     """The CLIs set THP_MEM_ALLOC_ENABLE before torch is imported; importing bgtrain sets nothing."""
     import os
     import subprocess
@@ -205,7 +205,11 @@ def test_entry_points_put_large_cpu_tensors_on_huge_pages_unless_told_otherwise(
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
     cases = [("bgtrain.train", None, "1"), ("bgtrain.train", "0", "0"), ("bgtrain.explain", None, "1"),
              ("bgtrain.bench", None, "1")]
-    args = {"bgtrain.train": ["--config", "/nonexistent.yaml"], "bgtrain.explain": ["overlay", "--help"],
+    # a valid config on missing shards: the run gets as far as importing torch, then stops on the shards
+    from tests.conftest import REPO
+    args = {"bgtrain.train": ["--config", str(REPO / "configs" / "smoke.yaml"), "data.shards=/nonexistent",
+                              f"out_dir={tmp_path / 'run'}"],
+            "bgtrain.explain": ["overlay", "--help"],
             "bgtrain.bench": ["loader", "--help"]}
     for module, given, expected in cases:
         run_env = env if given is None else {**env, "THP_MEM_ALLOC_ENABLE": given}
