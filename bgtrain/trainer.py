@@ -139,13 +139,22 @@ class Trainer:
     def __init__(self, cfg: TrainConfig) -> None:
         self.cfg = cfg
         self.world, self.device = init_distributed(cfg.engine.timeout_s)
-        world, device = self.world, self.device
+        world = self.world
         seed_everything(cfg.seed, world.rank)
         self.out_dir = Path(cfg.out_dir)
         if world.is_main:
             self.out_dir.mkdir(parents=True, exist_ok=True)
             save_config(cfg, self.out_dir / "config.yaml")
         self.log = RunLogger(self.out_dir / "metrics.jsonl", world.is_main, world.rank).install()
+        try:
+            self._build()
+        except BaseException:  # a run that cannot start gives warnings and logging back to the process
+            self.log.close()
+            raise
+
+    def _build(self) -> None:
+        """Data, model, engine, criterion, sinks and checkpoints, then the resume (every rank)."""
+        cfg, world, device = self.cfg, self.world, self.device
         self.epoch_cams: EpochCams | None = None
         dtype = DTYPES[cfg.engine.precision] if device.type == "cuda" else torch.float32
         self.loader = build_loader(cfg.data, "train", world, device, train=True, seed=cfg.seed,

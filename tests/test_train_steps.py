@@ -98,10 +98,13 @@ def test_no_host_sync_or_all_reduce_on_steps_that_do_not_log(smoke_shards, tmp_p
         during = [e for e in events if e[0] in quiet]
         assert during == [], f"rank {rank}: host syncs on non-logging steps: {during[:5]}"
     rank1 = json.loads((tmp_path / "events1.json").read_text())
-    # At logging steps rank 1 only takes part in agreeing on the stop flag; rank 0 alone reads the loss.
-    assert {e[3] for e in rank1 if e[0] in (3, 6)} == {"agreed"}
+    # At logging steps rank 1 only takes part in agreeing on the stop flag; rank 0 alone reads the loss. After the
+    # epoch's last step (6) the ranks also sum the epoch's sample counts once (skipped samples are counted).
+    assert {e[3] for e in rank1 if e[0] == 3} == {"agreed"}
+    assert {e[3] for e in rank1 if e[0] == 6} == {"agreed", "sum_over_ranks"}
     rank0 = json.loads((tmp_path / "events0.json").read_text())
-    assert {e[3] for e in rank0 if e[0] in (3, 6)} == {"agreed", "_train_epoch"}
+    assert {e[3] for e in rank0 if e[0] == 3} == {"agreed", "_train_epoch"}
+    assert {e[3] for e in rank0 if e[0] == 6} == {"agreed", "_train_epoch", "sum_over_ranks"}
 
 
 # ------------------------------------------------------------------------------------ empty and partial steps
