@@ -8,6 +8,7 @@ import sys
 import time
 from pathlib import Path
 
+import pytest
 import torch
 
 from bgtrain.bench.train import measure, synthetic_batch
@@ -20,6 +21,7 @@ CPU_COMMAND = ["--device", "cpu", "--synthetic", "64", "--depth", "18", "--image
                "--steps", "6"]
 
 
+@pytest.mark.slow  # the benchmark CLI end to end
 def test_cpu_command_prints_every_mode_and_input_efficiency():
     env = {**os.environ, "PYTHONPATH": str(REPO)}
     proc = subprocess.run([sys.executable, "-m", "bgtrain.bench", "train", *CPU_COMMAND], cwd=REPO, env=env,

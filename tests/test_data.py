@@ -211,10 +211,13 @@ def test_entry_points_put_large_cpu_tensors_on_huge_pages_unless_told_otherwise(
                               f"out_dir={tmp_path / 'run'}"],
             "bgtrain.explain": ["overlay", "--help"],
             "bgtrain.bench": ["loader", "--help"]}
-    for module, given, expected in cases:
-        run_env = env if given is None else {**env, "THP_MEM_ALLOC_ENABLE": given}
-        out = subprocess.run([sys.executable, "-c", spy, module, *args[module]], env=run_env, capture_output=True,
-                             text=True).stdout
+    # started together: each one spends its seconds importing torch
+    procs = [subprocess.Popen([sys.executable, "-c", spy, module, *args[module]], stdout=subprocess.PIPE,
+                              stderr=subprocess.DEVNULL, text=True,
+                              env=env if given is None else {**env, "THP_MEM_ALLOC_ENABLE": given})
+             for module, given, _ in cases]
+    for proc, (module, given, expected) in zip(procs, cases):
+        out = proc.communicate(timeout=300)[0]
         assert f"at torch import: {expected}" in out, (module, given, out[-500:])
     plain = "import bgtrain, os; print(os.environ.get('THP_MEM_ALLOC_ENABLE'))"
     assert subprocess.run([sys.executable, "-c", plain], env=env, capture_output=True, text=True,

@@ -16,6 +16,8 @@ from bgtrain.gpu_check import CHECKS, install_wheels, join_wheel_parts
 REPO = Path(__file__).resolve().parents[1]
 
 
+@pytest.mark.slow  # every check once, a 2-rank gloo DDP run among them
+@pytest.mark.distributed
 def test_cpu_smoke_runs_every_check_and_writes_the_report(tmp_path):
     out = tmp_path / "gpu"
     env = {**os.environ, "PYTHONPATH": str(REPO)}

@@ -149,6 +149,32 @@ def test_cpu_default_path_never_builds_an_extension():
     assert out.stdout.split() == ["torch", "False"]
 
 
+def test_another_checkout_of_the_same_sources_reuses_the_build_and_an_edit_does_not(cpu_ext, tmp_path):
+    """Build folders are keyed by the sources' bytes, not their path: a CI clone or worktree loads the cached .so."""
+    import os
+    import shutil
+    from pathlib import Path
+
+    built = Path(cpu_ext.__file__)
+    before = built.stat().st_mtime_ns, (built.parent / ".ninja_log").read_text()
+    copy = tmp_path / "checkout"
+    shutil.copytree(Path(extension.__file__).parents[2] / "bgtrain", copy / "bgtrain",
+                    ignore=shutil.ignore_patterns("__pycache__"))
+    code = "from bgtrain.ops import extension as e; print(e.load_cpu().__file__, e.cpu_build_dir())"
+    env = {**os.environ, "PYTHONPATH": str(copy), "BGTRAIN_OPS_CACHE": str(extension.cache_root())}
+    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                         check=True, timeout=600)
+    assert out.stdout.split() == [str(built), str(built.parent)]
+    assert (built.stat().st_mtime_ns, (built.parent / ".ninja_log").read_text()) == before, "ninja rebuilt it"
+    # a changed source byte is a different build folder (checked without building it)
+    with (copy / "bgtrain" / "ops" / "csrc" / "boostlu_cpu.cpp").open("a") as f:
+        f.write("\n// edited\n")
+    code = "from bgtrain.ops import extension as e; print(e.cpu_build_dir())"
+    edited = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
+                            check=True, timeout=120).stdout.strip()
+    assert edited != str(built.parent) and edited.startswith(str(extension.cache_root()))
+
+
 class _Head(torch.nn.Module):
     """1x1 classifier conv + bgtrain.ops.boostlu_pool, as in CamResNet's head."""
 

@@ -184,6 +184,7 @@ def test_resume_skips_done_shards(tmp_path):
         build(get_reader("csv")(tmp_path / "raw"), out, BuildOptions(max_side=64, shard_size=3), show_progress=False)
 
 
+@pytest.mark.slow  # two CLI builds and a kill
 def test_kill_mid_build_then_rerun_equals_clean_build(tmp_path):
     src = tmp_path / "raw"
     make_csv(src, n_train=120, size=(320, 240))
@@ -235,6 +236,7 @@ def test_verify_catches_a_changed_byte(tmp_path):
     assert any("sha256" in e for e in verify(out))
 
 
+@pytest.mark.slow  # five CLI runs
 def test_cli_dry_run_stats_verify_and_bench(tmp_path):
     src = tmp_path / "raw"
     make_cub(src)

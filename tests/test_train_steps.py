@@ -197,6 +197,7 @@ def _engine_worker(rank: int, world: int, port: int, shards: str, out_dir: str, 
         dist.destroy_process_group()
 
 
+@pytest.mark.distributed  # two gloo ranks
 @pytest.mark.parametrize("engine_name", ["ddp", "deepspeed"])
 def test_a_step_without_data_changes_nothing_and_an_empty_rank_still_joins(smoke_shards, tmp_path, engine_name):
     if engine_name == "deepspeed":

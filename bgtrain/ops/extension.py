@@ -5,11 +5,16 @@ file, ~30 s to build once), ``bgtrain_boostlu_cuda`` (a .cu file plus its bindin
 archs) and ``bgtrain_ap_cpu`` (the evaluator's radix-sort AP kernel, ~30 s once).
 
 The cache folder is ``$BGTRAIN_OPS_CACHE`` or ``~/.cache/bgtrain/ops``; each build goes to a sub-folder named after
-the torch version and, for CUDA, the arch list, so builds for different GPUs or torch versions never overwrite each
-other. torch's own file lock makes concurrent ranks wait for one build instead of racing.
+the torch version, a hash of the C++/CUDA sources and, for CUDA, the arch list, so builds for different GPUs, torch
+versions or source edits never overwrite each other. The sources are copied into that folder before building:
+ninja rebuilds whenever a compile command changes, and the command holds the source path, so building from the
+copy lets every checkout of the same code (a clean CI clone, a git worktree, an installed wheel) reuse one build.
+torch's own file lock makes concurrent ranks wait for one build instead of racing.
 """
 from __future__ import annotations
 
+import functools
+import hashlib
 import os
 import re
 import shutil
@@ -45,6 +50,31 @@ def cache_root() -> Path:
 
 def _torch_tag() -> str:
     return re.sub(r"[^A-Za-z0-9.]+", "_", f"torch{torch.__version__}")
+
+
+@functools.cache  # the sources do not change while a process runs
+def sources_digest() -> str:
+    """First 10 hex digits of a sha256 over every file in csrc/ (names and bytes): the build folders' content key."""
+    digest = hashlib.sha256()
+    for path in sorted(CSRC.iterdir()):
+        if path.is_file():
+            digest.update(path.name.encode() + b"\0" + path.read_bytes() + b"\0")
+    return digest.hexdigest()[:10]
+
+
+def _stage_sources(build_dir: Path) -> Path:
+    """Copy csrc/ into build_dir/src (atomically, once) and return it: the build never sees the checkout's path."""
+    staged = build_dir / "src"
+    staged.mkdir(parents=True, exist_ok=True)
+    for path in CSRC.iterdir():
+        target = staged / path.name
+        # The folder is keyed by the sources' hash, so an existing file already holds these bytes; rewriting it
+        # would only bump its mtime and make ninja rebuild.
+        if path.is_file() and not target.exists():
+            tmp = staged / f".{path.name}.{os.getpid()}.tmp"
+            shutil.copyfile(path, tmp)
+            os.replace(tmp, target)
+    return staged
 
 
 def resolve_archs(archs: str | None = None) -> str:
@@ -95,7 +125,7 @@ def _load(name: str, sources: tuple[str, ...], build_dir: Path, cuda_flags: list
           verbose: bool) -> ModuleType:
     from torch.utils import cpp_extension
 
-    build_dir.mkdir(parents=True, exist_ok=True)
+    src = _stage_sources(build_dir)
     kwargs: dict[str, Any] = {}
     if cuda_flags is not None:
         # cpp_extension reads CUDA_HOME once at import and guesses wrong when nvcc is a wrapper; set it for the build.
@@ -103,12 +133,12 @@ def _load(name: str, sources: tuple[str, ...], build_dir: Path, cuda_flags: list
         kwargs["extra_cuda_cflags"] = ["-O3", *cuda_flags]  # no fast-math: keep IEEE division for exact rounding
     return cpp_extension.load(
         name=name,
-        sources=[str(CSRC / s) for s in sources],
+        sources=[str(src / s) for s in sources],
         # at::parallel_for is inlined from ATen's headers and runs serially unless the extension itself is built
         # with OpenMP; the libgomp it links is the one torch has already loaded (same soname), not a second runtime.
         extra_cflags=["-O3", "-fopenmp"],
         extra_ldflags=["-fopenmp"],
-        extra_include_paths=[str(CSRC)],
+        extra_include_paths=[str(src)],
         build_directory=str(build_dir),
         with_cuda=cuda_flags is not None,
         is_python_module=True,
@@ -163,17 +193,18 @@ def _arch_tag(archs: str) -> str:
 
 def cpu_build_dir(root: Path | None = None) -> Path:
     """Build folder of the CPU extension."""
-    return (root or cache_root()) / f"cpu-{_torch_tag()}"
+    return (root or cache_root()) / f"cpu-{_torch_tag()}-{sources_digest()}"
 
 
 def ap_cpu_build_dir(root: Path | None = None) -> Path:
     """Build folder of the evaluator's CPU AP kernel."""
-    return (root or cache_root()) / f"ap-cpu-{_torch_tag()}"
+    return (root or cache_root()) / f"ap-cpu-{_torch_tag()}-{sources_digest()}"
 
 
 def cuda_build_dir(archs: str, root: Path | None = None) -> Path:
     """Build folder of the CUDA extension for an arch list."""
-    return (root or cache_root()) / f"cuda-sm{_arch_tag(archs)}-{_torch_tag()}-cu{torch.version.cuda}"
+    tag = f"cuda-sm{_arch_tag(archs)}-{_torch_tag()}-cu{torch.version.cuda}-{sources_digest()}"
+    return (root or cache_root()) / tag
 
 
 def build(archs: str | None = None, cpu_only: bool = False, verbose: bool = False) -> list[BuildInfo]:
