@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import os
 import socket
+import subprocess
 from pathlib import Path
 
 import pytest
@@ -24,6 +25,25 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def run_together(cmds: list[list[str]], timeout: float = 300, **popen: object) -> list[subprocess.CompletedProcess]:
+    """Run commands at once and wait for all of them (captured text output).
+
+    A CLI test's subprocess spends most of its seconds importing torch, so two at a time on two cores cost little
+    more than one; a command still running at ``timeout`` is killed with the others.
+    """
+    procs = [subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, **popen)
+             for cmd in cmds]
+    try:
+        outputs = [proc.communicate(timeout=timeout) for proc in procs]
+        return [subprocess.CompletedProcess(cmd, proc.returncode, out, err)
+                for cmd, proc, (out, err) in zip(cmds, procs, outputs)]
+    finally:
+        for proc in procs:
+            if proc.poll() is None:
+                proc.kill()
+                proc.wait()
 
 
 def join_gloo_group(rank: int, world: int, port: int) -> None:

@@ -192,26 +192,26 @@ def test_entry_points_put_large_cpu_tensors_on_huge_pages_unless_told_otherwise(
     import os
     import subprocess
     import sys
-    # A meta-path finder that reports the setting at the moment torch is first imported.
+    # A meta-path finder that reports the setting at the moment torch is first imported, and ends the process
+    # there: what happens after is not this test's business, and importing torch four times costs seconds.
     spy = ("import os, runpy, sys\n"
            "class Spy:\n"
            "    def find_spec(self, name, path=None, target=None):\n"
            "        if name == 'torch':\n"
            "            print('at torch import:', os.environ.get('THP_MEM_ALLOC_ENABLE'), flush=True)\n"
-           "            sys.meta_path.remove(self)\n"
+           "            os._exit(0)\n"
            "sys.meta_path.insert(0, Spy())\n"
            "sys.argv = [sys.argv[1]] + sys.argv[2:]\n"
            "runpy.run_module(sys.argv[0], run_name='__main__')\n")
     env = {k: v for k, v in os.environ.items() if k != "THP_MEM_ALLOC_ENABLE"}
     cases = [("bgtrain.train", None, "1"), ("bgtrain.train", "0", "0"), ("bgtrain.explain", None, "1"),
              ("bgtrain.bench", None, "1")]
-    # a valid config on missing shards: the run gets as far as importing torch, then stops on the shards
     from tests.conftest import REPO
     args = {"bgtrain.train": ["--config", str(REPO / "configs" / "smoke.yaml"), "data.shards=/nonexistent",
                               f"out_dir={tmp_path / 'run'}"],
             "bgtrain.explain": ["overlay", "--help"],
             "bgtrain.bench": ["loader", "--help"]}
-    # started together: each one spends its seconds importing torch
+    # started together: each one spends its seconds starting python
     procs = [subprocess.Popen([sys.executable, "-c", spy, module, *args[module]], stdout=subprocess.PIPE,
                               stderr=subprocess.DEVNULL, text=True,
                               env=env if given is None else {**env, "THP_MEM_ALLOC_ENABLE": given})
@@ -309,8 +309,9 @@ def test_plan_with_one_worker_splits_a_full_batch_rather_than_pad_a_whole_one():
 
 def test_plan_cli_works_from_the_manifest_alone(tmp_path):
     import json
-    import subprocess
     import sys
+
+    from tests.conftest import run_together
     sizes = _shards(65665)
     shards = [{"name": shard_name("train", i), "num_samples": n} for i, n in enumerate(sizes)]
     write_json_atomic(tmp_path / "manifest.json", {
@@ -318,13 +319,12 @@ def test_plan_cli_works_from_the_manifest_alone(tmp_path):
         "splits": {"train": {"num_samples": sum(sizes), "shards": shards, "rest": {"observed": -1, "full": 0}}}})
     cmd = [sys.executable, "-m", "bgtrain.data", "plan", "--shards", str(tmp_path), "--world", "8", "--workers", "8",
            "--batch-size", "2"]
-    out = json.loads(subprocess.run(cmd + ["--json"], capture_output=True, text=True, check=True).stdout)
-    assert out == {"steps_per_epoch": 4105, "ideal_steps": 4105, "overhead": 1.0,
-                   "padded_samples": 8 * 4105 * 2 - 65665, "samples": 65665}
-    table = subprocess.run(cmd, capture_output=True, text=True, check=True).stdout
+    procs = run_together([cmd + ["--json"], cmd, [sys.executable, "-m", "bgtrain.data", "plan", "--help"]])
+    assert [p.returncode for p in procs] == [0, 0, 0], [p.stderr[-500:] for p in procs]
+    as_json, table, help_text = (p.stdout for p in procs)
+    assert json.loads(as_json) == {"steps_per_epoch": 4105, "ideal_steps": 4105, "overhead": 1.0,
+                                   "padded_samples": 8 * 4105 * 2 - 65665, "samples": 65665}
     assert "steps per epoch" in table and "4,105" in table
-    help_text = subprocess.run([sys.executable, "-m", "bgtrain.data", "plan", "--help"], capture_output=True,
-                               text=True, check=True).stdout
     assert "example:" in help_text
 
 

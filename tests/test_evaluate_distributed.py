@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -11,7 +10,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bgtrain.evaluate import average_precision, class_blocks, sharded_ap_with_counts
-from tests.conftest import join_gloo_group
+from tests.conftest import free_port, join_gloo_group
 
 
 def make_case(n: int, c: int, seed: int, dtype=np.float32):
@@ -53,11 +52,6 @@ def _worker(rank: int, world: int, port: int, out_dir: str) -> None:
     finally:
         dist.destroy_process_group()
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def test_class_blocks_are_contiguous_and_uneven():

@@ -6,7 +6,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import subprocess
 import sys
 from pathlib import Path
 
@@ -19,8 +18,8 @@ from bgtrain.checkpoint import load_model_for_eval
 from bgtrain.explain.__main__ import main
 from bgtrain.explain.gap import average_ranks, pair_statistics, spearman_rows, summarise, tail_count, tail_means
 from bgtrain.explain.overlay import choose_classes, jet
+from tests.conftest import REPO, run_together
 
-REPO = Path(__file__).resolve().parents[1]
 SIZE = 64
 
 
@@ -98,14 +97,10 @@ def test_choose_classes_takes_topk_then_names_without_repeats() -> None:
 
 # ----------------------------------------------------------------------------------------------- end to end
 
-def _train(shards: Path, out: Path, *overrides: str) -> Path:
-    cmd = [sys.executable, "-m", "bgtrain.train", "--config", str(REPO / "configs/smoke.yaml"),
-           f"data.shards={shards}", f"out_dir={out}", "optim.epochs=1", "data.workers=0", "model.alpha_train=1.0",
-           *overrides]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300,
-                          env={**os.environ, "OMP_NUM_THREADS": "1"})
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    return out / "checkpoints" / "best.pt"
+def _train_command(shards: Path, out: Path, *overrides: str) -> list[str]:
+    return [sys.executable, "-m", "bgtrain.train", "--config", str(REPO / "configs/smoke.yaml"),
+            f"data.shards={shards}", f"out_dir={out}", "optim.epochs=1", "data.workers=0", "model.alpha_train=1.0",
+            *overrides]
 
 
 @pytest.fixture(scope="module")
@@ -115,9 +110,12 @@ def tiny(tmp_path_factory) -> dict:
     root = tmp_path_factory.mktemp("explain")
     shards = root / "shards"
     build(shards, num_classes=6, n_train=64, n_val=16, n_test=12, size=SIZE, seed=0, shard_size=40)
-    full = _train(shards, root / "full", "loss.scheme=full", "data.labels=full", "name=full")
-    an = _train(shards, root / "an", "loss.scheme=AN", "name=AN")
-    return {"root": root, "shards": shards, "full": full, "an": an}
+    runs = {"full": ("loss.scheme=full", "data.labels=full", "name=full"), "an": ("loss.scheme=AN", "name=AN")}
+    procs = run_together([_train_command(shards, root / name, *overrides) for name, overrides in runs.items()],
+                         cwd=REPO, env={**os.environ, "OMP_NUM_THREADS": "1"})
+    for proc in procs:
+        assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    return {"root": root, "shards": shards, **{name: root / name / "checkpoints" / "best.pt" for name in runs}}
 
 
 def test_overlay_cli_writes_pngs_of_the_image_size(tiny) -> None:

@@ -6,7 +6,6 @@ Every reference here is written out from the published procedure, not taken from
 from __future__ import annotations
 
 import os
-import socket
 
 import numpy as np
 import pytest
@@ -15,7 +14,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bgtrain.labels import CorrectionStore, dense_rows, keep_fraction, single_positive, split_train_val
-from tests.conftest import join_gloo_group
+from tests.conftest import free_port, join_gloo_group
 
 # --- COLE's procedure, written out (elijahcole/single-positive-multi-label, preproc/generate_observed_labels.py) ---
 
@@ -204,11 +203,6 @@ def test_correction_store_refuses_state_of_another_class_count() -> None:
 
 # --- CorrectionStore, a real 2-rank gloo world ---
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
 
 def _two_rank_worker(rank: int, port: int, out_dir: str) -> None:
     join_gloo_group(rank, 2, port)
@@ -243,7 +237,7 @@ def _two_rank_worker(rank: int, port: int, out_dir: str) -> None:
                                     "the retry starts fresh processes")
 @pytest.mark.distributed
 def test_correction_store_reaches_every_rank_and_checkpoint_keeps_all(tmp_path) -> None:
-    mp.spawn(_two_rank_worker, args=(_free_port(), str(tmp_path)), nprocs=2, join=True)
+    mp.spawn(_two_rank_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
     r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
     r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
     none = [-1] * 6

@@ -9,6 +9,7 @@ import pytest
 import torch
 
 from bgtrain.ops import dispatch, extension, library, reference
+from tests.conftest import run_together
 
 ALPHA = 5.0
 NO_GPU = "no CUDA device visible: the CUDA kernels can only be checked on a GPU (python -m bgtrain.gpu_check)"
@@ -157,22 +158,35 @@ def test_another_checkout_of_the_same_sources_reuses_the_build_and_an_edit_does_
 
     built = Path(cpu_ext.__file__)
     before = built.stat().st_mtime_ns, (built.parent / ".ninja_log").read_text()
-    copy = tmp_path / "checkout"
-    shutil.copytree(Path(extension.__file__).parents[2] / "bgtrain", copy / "bgtrain",
-                    ignore=shutil.ignore_patterns("__pycache__"))
-    code = "from bgtrain.ops import extension as e; print(e.load_cpu().__file__, e.cpu_build_dir())"
-    env = {**os.environ, "PYTHONPATH": str(copy), "BGTRAIN_OPS_CACHE": str(extension.cache_root())}
-    out = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                         check=True, timeout=600)
+    copy, edited_copy = tmp_path / "checkout", tmp_path / "edited"
+    for checkout in (copy, edited_copy):
+        shutil.copytree(Path(extension.__file__).parents[2] / "bgtrain", checkout / "bgtrain",
+                        ignore=shutil.ignore_patterns("__pycache__"))
+    with (edited_copy / "bgtrain" / "ops" / "csrc" / "boostlu_cpu.cpp").open("a") as f:
+        f.write("\n// edited\n")
+    # the copy loads the build; a changed source byte is a different build folder (checked without building it)
+    load = f"import sys; sys.path.insert(0, {str(copy)!r}); from bgtrain.ops import extension as e; " \
+           "print(e.load_cpu().__file__, e.cpu_build_dir())"
+    locate = f"import sys; sys.path.insert(0, {str(edited_copy)!r}); from bgtrain.ops import extension as e; " \
+             "print(e.__file__, e.cpu_build_dir())"
+    env = {**os.environ, "BGTRAIN_OPS_CACHE": str(extension.cache_root())}
+    out, edited = run_together([[sys.executable, "-c", load], [sys.executable, "-c", locate]], timeout=600,
+                               cwd=tmp_path, env=env)
+    assert out.returncode == edited.returncode == 0, out.stderr[-1000:] + edited.stderr[-1000:]
     assert out.stdout.split() == [str(built), str(built.parent)]
     assert (built.stat().st_mtime_ns, (built.parent / ".ninja_log").read_text()) == before, "ninja rebuilt it"
-    # a changed source byte is a different build folder (checked without building it)
-    with (copy / "bgtrain" / "ops" / "csrc" / "boostlu_cpu.cpp").open("a") as f:
-        f.write("\n// edited\n")
-    code = "from bgtrain.ops import extension as e; print(e.cpu_build_dir())"
-    edited = subprocess.run([sys.executable, "-c", code], cwd=tmp_path, env=env, capture_output=True, text=True,
-                            check=True, timeout=120).stdout.strip()
-    assert edited != str(built.parent) and edited.startswith(str(extension.cache_root()))
+    module, folder = edited.stdout.split()
+    assert module.startswith(str(edited_copy)), "the edited checkout's code was not the one imported"
+    assert folder != str(built.parent) and folder.startswith(str(extension.cache_root()))
+
+
+def test_another_torch_install_of_the_same_version_builds_into_its_own_folder(monkeypatch):
+    """Two virtualenvs share a cache without making ninja rebuild on every switch (its command holds torch's path)."""
+    here = extension._torch_tag.__wrapped__()
+    monkeypatch.setattr(torch, "__file__", "/elsewhere/venv/lib/python3.11/site-packages/torch/__init__.py")
+    elsewhere = extension._torch_tag.__wrapped__()
+    assert here != elsewhere
+    assert here.rsplit("_", 1)[0] == elsewhere.rsplit("_", 1)[0] == f"torch{torch.__version__}".replace("+", "_")
 
 
 class _Head(torch.nn.Module):

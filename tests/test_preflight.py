@@ -2,7 +2,6 @@
 from __future__ import annotations
 
 import os
-import socket
 import subprocess
 import sys
 import time
@@ -11,14 +10,7 @@ from pathlib import Path
 import pytest
 
 from bgtrain.distributed import expand_tasks_per_node, world_info_from_env
-
-REPO = Path(__file__).resolve().parents[1]
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
+from tests.conftest import REPO, free_port
 
 
 def run_env(**extra: str) -> dict[str, str]:
@@ -36,10 +28,9 @@ def preflight(args: list[str], timeout: float = 120, **env: str) -> subprocess.C
 
 @pytest.fixture(scope="module")
 def shards(tmp_path_factory) -> Path:
+    from shards.synthetic import build
     out = tmp_path_factory.mktemp("preflight") / "shards"
-    subprocess.run([sys.executable, "-m", "shards", "synthetic", "--out", str(out), "--classes", "4", "--train", "40",
-                    "--val", "10", "--test", "10", "--size", "32", "--shard-size", "20"],
-                   cwd=REPO, env=run_env(), check=True, capture_output=True)
+    build(out, num_classes=4, n_train=40, n_val=10, n_test=10, size=32, seed=0, shard_size=20)
     return out
 
 

@@ -18,7 +18,7 @@ from bgtrain.export_trunk import main as export_main
 from bgtrain.model import TORCHVISION_TRUNK, build_model
 from shards.format import SampleLabels, decode_labels
 from shards.synthetic import build
-from tests.conftest import REPO
+from tests.conftest import REPO, run_together
 
 
 def _labels(shards: Path, split: str) -> list[SampleLabels]:
@@ -46,11 +46,10 @@ def test_objects_one_writes_single_label_images_in_every_split(tmp_path):
 def test_objects_flag_sets_the_exact_count_and_rejects_zero(tmp_path):
     cmd = [sys.executable, "-m", "shards", "synthetic", "--out", str(tmp_path / "two"), "--classes", "5",
            "--train", "12", "--val", "4", "--test", "6", "--size", "32", "--objects", "2"]
-    proc = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    bad_cmd = [str(tmp_path / "zero") if a == str(tmp_path / "two") else a for a in cmd[:-1]] + ["0"]
+    proc, bad = run_together([cmd, bad_cmd], cwd=REPO)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert all(len(r.full_pos) == 2 for r in _labels(tmp_path / "two", "test"))
-    bad_cmd = [str(tmp_path / "zero") if a == str(tmp_path / "two") else a for a in cmd[:-1]] + ["0"]
-    bad = subprocess.run(bad_cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
     assert bad.returncode == 2 and "min_objects" in bad.stderr and "Traceback" not in bad.stderr
 
 

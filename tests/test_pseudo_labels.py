@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import math
 import os
-import socket
 import subprocess
 import sys
 from pathlib import Path
@@ -21,7 +20,7 @@ from bgtrain.losses import build_criterion, entropy_maximisation
 from bgtrain.losses.defaults import em_apl_params
 from bgtrain.losses.em_apl import NO_TARGET, EmAplCriterion, SoftNegativeStore, em_apl_loss
 from bgtrain.losses.role import RoleCriterion, role_loss
-from tests.conftest import join_gloo_group
+from tests.conftest import free_port, join_gloo_group
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -263,11 +262,6 @@ def test_paper_configs_set_the_em_apl_papers_parameters():
 # ----------------------------------------------------------------------------------- 2 gloo ranks
 N_APL, C_APL, N_ROLE, C_ROLE = 23, 4, 12, 5
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def apl_case():

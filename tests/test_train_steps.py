@@ -83,6 +83,7 @@ def _spy_worker(rank: int, world: int, port: int, shards: str, out_dir: str) -> 
         dist.destroy_process_group()
 
 
+@pytest.mark.distributed  # two gloo ranks
 def test_no_host_sync_or_all_reduce_on_steps_that_do_not_log(smoke_shards, tmp_path):
     """LL-R at epoch 2 on two gloo ranks, six steps logging every third.
 

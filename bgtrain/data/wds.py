@@ -17,6 +17,8 @@ the worker ships JPEG bytes and :mod:`bgtrain.data.gpu_decode` decodes the batch
 from __future__ import annotations
 
 import io
+import multiprocessing
+import multiprocessing.context
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
@@ -165,6 +167,20 @@ class SlotStream(torch.utils.data.IterableDataset):
         return np.zeros((self.image_size, self.image_size, 3), np.uint8) if self.decode else b""
 
 
+def _worker_context(workers: int) -> multiprocessing.context.BaseContext | None:
+    """Loader processes start from a forkserver, never as a fork of this process.
+
+    This process has threads (DALI's, the NCCL/gloo watchdogs, a tensorboard writer); a fork taken while one
+    of them holds a lock copies the lock held, and the worker blocks on it forever while the loop waits
+    for its batch. The forkserver is a clean single-threaded process that imports this module once.
+    """
+    if workers == 0:
+        return None
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload([__name__])
+    return context
+
+
 def _rows(ids: np.ndarray, size: int) -> np.ndarray:
     """(n, L) ids padded with -1 rows to (size, L) int32."""
     out = np.full((size, ids.shape[1]), -1, np.int32)
@@ -193,7 +209,8 @@ class WebDatasetBackend:
                             ld.cfg.flip and ld.train, ld.cfg.shuffle_buffer if ld.train else 1, batches_done,
                             decode=ld.cfg.decode == "cpu")
         return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=ld.cfg.workers,
-                                                pin_memory=ld.device.type == "cuda"))
+                                                pin_memory=ld.device.type == "cuda",
+                                                multiprocessing_context=_worker_context(ld.cfg.workers)))
 
     def images(self, raw: RawBatch) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(raw.image, torch.Tensor):

@@ -5,10 +5,11 @@ file, ~30 s to build once), ``bgtrain_boostlu_cuda`` (a .cu file plus its bindin
 archs) and ``bgtrain_ap_cpu`` (the evaluator's radix-sort AP kernel, ~30 s once).
 
 The cache folder is ``$BGTRAIN_OPS_CACHE`` or ``~/.cache/bgtrain/ops``; each build goes to a sub-folder named after
-the torch version, a hash of the C++/CUDA sources and, for CUDA, the arch list, so builds for different GPUs, torch
-versions or source edits never overwrite each other. The sources are copied into that folder before building:
-ninja rebuilds whenever a compile command changes, and the command holds the source path, so building from the
-copy lets every checkout of the same code (a clean CI clone, a git worktree, an installed wheel) reuse one build.
+the torch version and install, a hash of the C++/CUDA sources and, for CUDA, the arch list, so builds for different
+GPUs, torch installs or source edits never overwrite each other. The sources are copied into that folder before
+building: ninja rebuilds whenever a compile command changes, and the command holds the source path, so building from
+the copy lets every checkout of the same code that uses the same torch (a git worktree, an installed wheel) reuse
+one build.
 torch's own file lock makes concurrent ranks wait for one build instead of racing.
 """
 from __future__ import annotations
@@ -48,8 +49,15 @@ def cache_root() -> Path:
     return Path(env).expanduser() if env else Path.home() / ".cache" / "bgtrain" / "ops"
 
 
+@functools.cache
 def _torch_tag() -> str:
-    return re.sub(r"[^A-Za-z0-9.]+", "_", f"torch{torch.__version__}")
+    """torch's version and a hash of where it is installed.
+
+    The compile command holds torch's include paths, so two virtualenvs with the same torch version would make
+    ninja rebuild each time the other one built; a folder per install keeps both builds.
+    """
+    install = hashlib.sha256(str(Path(torch.__file__).resolve().parent).encode()).hexdigest()[:6]
+    return re.sub(r"[^A-Za-z0-9.]+", "_", f"torch{torch.__version__}") + f"_{install}"
 
 
 @functools.cache  # the sources do not change while a process runs
