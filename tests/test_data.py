@@ -65,6 +65,38 @@ def test_epochs_differ_in_order_and_same_seed_repeats(smoke_shards):
     assert first != other_seed
 
 
+def test_loader_processes_end_when_their_rank_is_killed(smoke_shards):
+    """A SIGKILLed rank leaves no loader process behind, holding its memory and its stdout (torchrun's log pipe)."""
+    import signal
+    import subprocess
+    import sys
+
+    import psutil
+    script = ("import sys, torch\n"
+              "from bgtrain.config import DataConfig\n"
+              "from bgtrain.data import build_loader\n"
+              "from bgtrain.distributed import WorldInfo\n"
+              f"cfg = DataConfig(shards={str(smoke_shards)!r}, image_size=32, batch_size=8, workers=2)\n"
+              "loader = build_loader(cfg, 'train', WorldInfo(0, 1), torch.device('cpu'), train=True, seed=0)\n"
+              "batches = iter(loader)\n"
+              "next(batches)\n"
+              "print('reading', flush=True)\n"
+              "sys.stdin.read()\n")
+    rank = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                            stderr=subprocess.DEVNULL, text=True)
+    try:
+        assert rank.stdout.readline().strip() == "reading"
+        started = psutil.Process(rank.pid).children(recursive=True)
+        assert sum("forkserver" in " ".join(p.cmdline()) for p in started) == 3, "the server and its 2 loaders"
+        rank.send_signal(signal.SIGKILL)
+        rank.wait(timeout=60)
+        _, alive = psutil.wait_procs(started, timeout=30)
+        assert alive == [], [p.cmdline() for p in alive]
+        assert rank.stdout.read() == "", "something still holds the rank's stdout"
+    finally:
+        rank.kill()
+
+
 def test_resume_mid_epoch_sees_the_rest_exactly(smoke_shards):
     cfg = data_cfg(smoke_shards)
     world = WorldInfo(0, 1)

@@ -16,9 +16,13 @@ the worker ships JPEG bytes and :mod:`bgtrain.data.gpu_decode` decodes the batch
 """
 from __future__ import annotations
 
+import functools
 import io
 import multiprocessing
 import multiprocessing.context
+import os
+import select
+import threading
 from typing import TYPE_CHECKING, Iterator
 
 import numpy as np
@@ -181,6 +185,25 @@ def _worker_context(workers: int) -> multiprocessing.context.BaseContext | None:
     return context
 
 
+def _end_with_rank(rank_pid: int, worker_id: int) -> None:
+    """In a loader process: end it as soon as the rank that asked for it ends, however that rank died.
+
+    A forkserver child is not the rank's child, so torch's own check (is my parent alive?) watches the forkserver,
+    which lives as long as any loader does; after a SIGKILL of the rank its loaders would live on, holding memory
+    and the rank's stdout. A pidfd of the rank becomes readable when the rank exits.
+    """
+    try:
+        rank = os.pidfd_open(rank_pid)
+    except ProcessLookupError:
+        os._exit(1)
+
+    def wait_for_the_rank() -> None:
+        select.select([rank], [], [])
+        os._exit(1)
+
+    threading.Thread(target=wait_for_the_rank, name="end-with-rank", daemon=True).start()
+
+
 def _rows(ids: np.ndarray, size: int) -> np.ndarray:
     """(n, L) ids padded with -1 rows to (size, L) int32."""
     out = np.full((size, ids.shape[1]), -1, np.int32)
@@ -210,7 +233,8 @@ class WebDatasetBackend:
                             decode=ld.cfg.decode == "cpu")
         return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=ld.cfg.workers,
                                                 pin_memory=ld.device.type == "cuda",
-                                                multiprocessing_context=_worker_context(ld.cfg.workers)))
+                                                multiprocessing_context=_worker_context(ld.cfg.workers),
+                                                worker_init_fn=functools.partial(_end_with_rank, os.getpid())))
 
     def images(self, raw: RawBatch) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(raw.image, torch.Tensor):
