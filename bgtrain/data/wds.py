@@ -198,7 +198,9 @@ def _end_with_rank(rank_pid: int, worker_id: int) -> None:
         os._exit(1)
 
     def wait_for_the_rank() -> None:
-        select.select([rank], [], [])
+        watch = select.poll()  # not select.select: a worker may hold more than FD_SETSIZE descriptors
+        watch.register(rank, select.POLLIN)
+        watch.poll()
         os._exit(1)
 
     threading.Thread(target=wait_for_the_rank, name="end-with-rank", daemon=True).start()
