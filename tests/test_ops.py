@@ -151,7 +151,7 @@ def test_cpu_default_path_never_builds_an_extension():
 
 
 def test_another_checkout_of_the_same_sources_reuses_the_build_and_an_edit_does_not(cpu_ext, tmp_path):
-    """Build folders are keyed by the sources' bytes, not their path: a worktree on the same torch loads the cached .so."""
+    """Build folders are keyed by the sources' bytes, not their path: a worktree on the same torch loads its .so."""
     import os
     import shutil
     from pathlib import Path
