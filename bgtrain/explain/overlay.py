@@ -51,7 +51,11 @@ def pictures_from_files(paths: Sequence[str | Path], size: int) -> Iterator[Pict
         path = Path(path)
         if not path.is_file():
             raise FileNotFoundError(f"--images: {path} does not exist")
-        yield Picture(path.stem, decode_image(path.read_bytes(), size, flip=False))
+        try:
+            pixels = decode_image(path.read_bytes(), size, flip=False)
+        except (OSError, ValueError) as e:  # PIL's UnidentifiedImageError is an OSError naming a BytesIO, not the file
+            raise ValueError(f"--images: {path} is not an image PIL can read ({type(e).__name__})") from None
+        yield Picture(path.stem, pixels)
 
 
 def to_uint8(images: torch.Tensor) -> np.ndarray:
