@@ -360,7 +360,8 @@ def test_explain_on_a_non_image_is_one_line(trained, tmp_path, capsys):
     code, text = call(main, ["overlay", "--checkpoint", str(trained / "checkpoints" / "best.pt"),
                              "--images", str(fake), "--out", str(tmp_path / "ov")], capsys)
     assert code in (1, 2) and "Traceback" not in text
-    assert len([line for line in text.splitlines() if "error" in line]) == 1
+    assert [line for line in text.splitlines() if "error" in line] == [f"error: --images: {fake} is not an image PIL "
+                                                                       "can read (UnidentifiedImageError)"]
 
 
 @pytest.mark.parametrize("argv, code, culprit", [
