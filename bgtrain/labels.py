@@ -6,9 +6,13 @@ matrix does not fit, so samples carry id lists and dense rows are built per batc
 from __future__ import annotations
 
 from collections.abc import Sequence
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
+
+if TYPE_CHECKING:
+    from bgtrain.data.plan import SampleReaders
 
 POSITIVE, NEGATIVE, UNKNOWN = 1, 0, -1
 
@@ -87,60 +91,108 @@ def dense_rows(pos: Sequence[Sequence[int]], neg: Sequence[Sequence[int]], num_c
 
 
 class CorrectionStore:
-    """Permanent label corrections (LL-Cp), kept by LL-Cp's criterion in the training processes, sharded by id.
+    """LL-Cp's permanent label corrections, each held by the rank that reads its sample this epoch.
 
-    The reference keeps them in a numpy array inside the dataset, which persistent loader workers never
-    see again. Here rank ``r`` owns the sample ids with ``id % world == r``. Corrections found on any
-    rank are all-gathered (a handful per step) and kept by their owner; to label a batch every rank
-    asks the owners for its sample ids. The whole store goes into checkpoints, so it survives restarts
-    and a change of world size.
+    A correction (sample ``s``, class ``c``) is the int64 key ``s * C + c``. A rank keeps its keys in one
+    sorted tensor on the training device, 8 bytes each, and labels a batch with a ``searchsorted`` there:
+    no collective and no host read per step. That is exact because an exact epoch reads every sample
+    once: a correction found in epoch t can only matter from epoch t + 1 on, and the rank that reads a
+    sample in epoch t is the only one that finds corrections of it during t.
+
+    * :meth:`record` queues a step's correction mask; the queue becomes keys every ``FLUSH_STEPS`` steps
+      (one host read then, none per step).
+    * :meth:`begin_epoch` (collective, once per epoch) sends every key to the rank that reads its sample
+      in the coming epoch, and makes the epoch's new corrections visible to :meth:`apply`.
+    * :meth:`state_dict` gathers every rank's keys to the checkpoint writer only, never to every rank;
+      :meth:`load_state_dict` takes a contiguous slice of them, which the next :meth:`begin_epoch` routes, so
+      a resume may change the world size.
+
+    Resampled epochs may read a sample on several ranks and twice in one epoch, which breaks the premise
+    above: the config refuses LL-Cp with ``data.resampled``.
     """
+
+    FLUSH_STEPS = 64
 
     def __init__(self, num_classes: int, rank: int = 0, world: int = 1) -> None:
         self.num_classes, self.rank, self.world = num_classes, rank, world
-        self._owned: dict[int, set[int]] = {}
+        self._visible = torch.empty(0, dtype=torch.int64)          # sorted keys that apply() uses
+        self._found: list[torch.Tensor] = []                       # keys found since the epoch began
+        self._queued: list[tuple[torch.Tensor, torch.Tensor]] = []  # (sample ids, correction mask) per step
 
     def __len__(self) -> int:
-        return sum(len(v) for v in self._owned.values())
+        """Corrections this rank holds (a host read)."""
+        return int(self.keys().numel())
 
-    def _keep(self, pairs: torch.Tensor) -> None:
-        for sid, cls in pairs.tolist():
-            if sid % self.world == self.rank:
-                self._owned.setdefault(sid, set()).add(cls)
+    def keys(self) -> torch.Tensor:
+        """Every correction this rank holds, as sorted unique keys ``sample * C + class``."""
+        self._flush()
+        if not self._found:
+            return self._visible
+        return torch.unique(torch.cat([self._visible.to(self._found[0].device), *self._found]))  # sorted
 
     def record(self, sample_ids: torch.Tensor, mask: torch.Tensor) -> None:
-        """Remember that ``mask[i, c]`` makes class c of ``sample_ids[i]`` positive from now on."""
-        from bgtrain.distributed import all_gather_rows
-        rows, cols = mask.nonzero(as_tuple=True)
-        pairs = torch.stack([sample_ids.to(mask.device)[rows].long(), cols.long()], 1)
-        self._keep(all_gather_rows(pairs).cpu())
+        """Remember that ``mask[i, c]`` makes class c of ``sample_ids[i]`` positive from the next epoch on."""
+        self._queued.append((sample_ids.to(mask.device).long(), mask))
+        if len(self._queued) >= self.FLUSH_STEPS:
+            self._flush()
+
+    def _flush(self) -> None:
+        if not self._queued:
+            return
+        ids = torch.cat([i for i, _ in self._queued])
+        mask = torch.cat([m for _, m in self._queued]) & (ids >= 0)[:, None]   # placeholders carry id -1
+        self._queued = []
+        classes = torch.arange(self.num_classes, device=mask.device)
+        self._found.append((ids[:, None] * self.num_classes + classes)[mask])   # the host read
 
     def apply(self, labels: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
-        """Labels with every stored correction of these samples set to 1 (a new tensor)."""
-        from bgtrain.distributed import all_gather_rows
-        wanted = set(all_gather_rows(sample_ids.long().to(labels.device)).cpu().tolist())
-        mine = [(sid, c) for sid in sorted(wanted) for c in sorted(self._owned.get(sid, ()))]
-        local = torch.tensor(mine, dtype=torch.long, device=labels.device).reshape(-1, 2)
-        found = all_gather_rows(local)
-        if found.numel() == 0:
+        """Labels with every correction of these samples from earlier epochs set to 1 (a new tensor).
+
+        No collective: the rank that reads a sample this epoch holds its corrections.
+        """
+        if self._visible.device != labels.device:
+            self._visible = self._visible.to(labels.device)
+        keys = self._visible
+        if keys.numel() == 0:
             return labels.clone()
-        position = {sid: i for i, sid in enumerate(sample_ids.tolist())}
-        hits = [(position[s], c) for s, c in found.tolist() if s in position]
-        out = labels.clone()
-        if hits:
-            idx = torch.tensor(hits, dtype=torch.long, device=labels.device)
-            out[idx[:, 0], idx[:, 1]] = POSITIVE
-        return out
+        classes = torch.arange(self.num_classes, device=labels.device)
+        wanted = sample_ids.to(labels.device).long()[:, None] * self.num_classes + classes
+        at = torch.searchsorted(keys, wanted).clamp(max=keys.numel() - 1)
+        return labels.masked_fill(keys[at] == wanted, POSITIVE)
+
+    def begin_epoch(self, readers: SampleReaders | None = None) -> None:
+        """Send every key to the rank that reads its sample in the coming epoch (collective), and make the
+        corrections found so far visible to :meth:`apply`. ``readers`` may be None in a world of one."""
+        from bgtrain.collectives import all_to_all_rows, is_distributed
+        keys = self.keys()
+        if is_distributed():
+            if readers is None:
+                raise ValueError("CorrectionStore.begin_epoch: several ranks need the epoch's sample readers")
+            keys = torch.sort(all_to_all_rows(keys, readers.rank_of(keys // self.num_classes))).values
+        self._visible, self._found = keys, []
 
     def state_dict(self) -> dict:
-        """Every rank's corrections as one (K, 2) int64 tensor of (sample id, class); collective."""
-        from bgtrain.distributed import all_gather_rows
-        mine = sorted((s, c) for s, cs in self._owned.items() for c in cs)
-        local = torch.tensor(mine, dtype=torch.long).reshape(-1, 2)
-        return {"pairs": all_gather_rows(local), "num_classes": self.num_classes}
+        """Every rank's keys, sorted, on rank 0, the checkpoint writer; the other ranks' ``keys`` are empty.
+
+        Collective. No rank but the writer ever holds the whole store.
+        """
+        from bgtrain.collectives import gather_rows
+        gathered = gather_rows(self.keys().cpu())
+        keys = torch.sort(gathered).values if gathered is not None else torch.empty(0, dtype=torch.int64)
+        return {"keys": keys, "num_classes": self.num_classes}
 
     def load_state_dict(self, state: dict) -> None:
+        """This rank's contiguous share of a checkpoint's keys, visible at once; :meth:`begin_epoch` routes them.
+
+        Also reads checkpoints from before the keys, which kept (sample, class) pairs.
+        """
         if state["num_classes"] != self.num_classes:
             raise ValueError(f"correction store has {state['num_classes']} classes, model has {self.num_classes}")
-        self._owned = {}
-        self._keep(state["pairs"])
+        if "pairs" in state:
+            pairs = state["pairs"].long().reshape(-1, 2)
+            keys = torch.unique(pairs[:, 0] * self.num_classes + pairs[:, 1])
+        else:
+            keys = state["keys"].long()
+        n = keys.numel()
+        self._visible = keys[n * self.rank // self.world: n * (self.rank + 1) // self.world].clone()
+        self._found, self._queued = [], []

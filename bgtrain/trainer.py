@@ -223,6 +223,7 @@ class Trainer:
         """The rest of the current epoch; False when a stop was requested (after checkpointing)."""
         cfg, loader, criterion, epoch = self.cfg, self.loader, self.criterion, self.epoch
         loader.set_epoch(epoch, self.batches_done)
+        criterion.begin_epoch(loader.sample_readers)
         self.engine.train(True)
         total = len(loader)
         task = self.log.start(f"epoch {epoch}", total=total, completed=self.batches_done)

@@ -1,20 +1,15 @@
 """Label rules of docs/design.md ("Label encoding", "Training recipe"): COLE's single positive and split, Durand's
-partial labels, dense rows, and the LL-Cp correction store (single process and a real 2-rank gloo world).
+partial labels and dense rows. The LL-Cp correction store is tested in tests/test_llcp_store.py.
 
 Every reference here is written out from the published procedure, not taken from bgtrain.
 """
 from __future__ import annotations
 
-import os
-
 import numpy as np
 import pytest
 import torch
-import torch.distributed as dist
-import torch.multiprocessing as mp
 
-from bgtrain.labels import CorrectionStore, dense_rows, keep_fraction, single_positive, split_train_val
-from tests.conftest import free_port, join_gloo_group
+from bgtrain.labels import dense_rows, keep_fraction, single_positive, split_train_val
 
 # --- COLE's procedure, written out (elijahcole/single-positive-multi-label, preproc/generate_observed_labels.py) ---
 
@@ -155,110 +150,3 @@ def test_dense_rows_writes_positives_negatives_and_rest(rest: int) -> None:
 def test_dense_rows_with_no_ids_at_all_is_all_rest() -> None:
     got = dense_rows([[], []], [[], []], 3, -1)
     np.testing.assert_array_equal(got.numpy(), np.full((2, 3), -1, dtype=np.int8))
-
-
-# --- CorrectionStore, one process ---
-
-def test_correction_store_applies_recorded_corrections_to_later_batches() -> None:
-    store = CorrectionStore(num_classes=5)
-    ids = torch.tensor([10, 11, 12])
-    mask = torch.zeros(3, 5, dtype=torch.bool)
-    mask[0, 2] = mask[2, 4] = mask[2, 0] = True
-    store.record(ids, mask)
-    assert len(store) == 3
-
-    # A later batch in another order, with one unseen sample; the ids decide, not the row positions.
-    later_ids = torch.tensor([12, 99, 10])
-    labels = torch.full((3, 5), -1, dtype=torch.int8)
-    labels[1, 1] = 1
-    before = labels.clone()
-    out = store.apply(labels, later_ids)
-    ref = before.clone()
-    ref[0, 4] = ref[0, 0] = ref[2, 2] = 1
-    torch.testing.assert_close(out, ref)
-    torch.testing.assert_close(labels, before)                      # the input batch is not rewritten
-
-
-def test_correction_store_record_is_idempotent_and_state_round_trips() -> None:
-    store = CorrectionStore(num_classes=4)
-    mask = torch.tensor([[True, False, False, True], [False, False, False, False]])
-    store.record(torch.tensor([3, 8]), mask)
-    store.record(torch.tensor([3, 8]), mask)                        # same correction twice: stored once
-    assert len(store) == 2
-    state = store.state_dict()
-    assert sorted(map(tuple, state["pairs"].tolist())) == [(3, 0), (3, 3)]
-
-    fresh = CorrectionStore(num_classes=4)
-    fresh.load_state_dict(state)
-    labels = torch.full((2, 4), -1, dtype=torch.int8)
-    out = fresh.apply(labels, torch.tensor([8, 3]))
-    assert out[1].tolist() == [1, -1, -1, 1] and out[0].tolist() == [-1, -1, -1, -1]
-
-
-def test_correction_store_refuses_state_of_another_class_count() -> None:
-    store = CorrectionStore(num_classes=4)
-    with pytest.raises(ValueError, match="classes"):
-        store.load_state_dict({"pairs": torch.zeros(0, 2, dtype=torch.long), "num_classes": 5})
-
-
-# --- CorrectionStore, a real 2-rank gloo world ---
-
-
-def _two_rank_worker(rank: int, port: int, out_dir: str) -> None:
-    join_gloo_group(rank, 2, port)
-    try:
-        store = CorrectionStore(num_classes=6, rank=rank, world=2)
-        # Step 1: each rank finds one correction for a sample the other rank owns (owner = id % 2) and one for
-        # a sample it owns itself.
-        mask = torch.zeros(3, 6, dtype=torch.bool)
-        if rank == 0:
-            ids = torch.tensor([7, 6, 2])          # (7, class 5) owned by rank 1, (6, class 1) owned by rank 0
-            mask[0, 5] = mask[1, 1] = True
-        else:
-            ids = torch.tensor([4, 9, 3])          # (4, class 2) owned by rank 0, (9, class 3) owned by rank 1
-            mask[0, 2] = mask[1, 3] = True
-        store.record(ids, mask)
-        owned = len(store)
-
-        # Step 2: later batches. Each rank sees samples whose corrections live on the other rank, and which the
-        # other rank does not see in this step (so nothing arrives by coincidence).
-        later = torch.tensor([4, 9, 2]) if rank == 0 else torch.tensor([7, 6, 3])
-        labels = torch.full((later.numel(), 6), -1, dtype=torch.int8)
-        out = store.apply(labels, later)
-
-        state = store.state_dict()
-        torch.save({"owned": owned, "labels": out, "pairs": state["pairs"], "num_classes": state["num_classes"]},
-                   os.path.join(out_dir, f"rank{rank}.pt"))
-    finally:
-        dist.destroy_process_group()
-
-
-@pytest.mark.flaky(reruns=2, reason="gloo's loopback connect occasionally stalls in this sandbox; "
-                                    "the retry starts fresh processes")
-@pytest.mark.distributed
-def test_correction_store_reaches_every_rank_and_checkpoint_keeps_all(tmp_path) -> None:
-    mp.spawn(_two_rank_worker, args=(free_port(), str(tmp_path)), nprocs=2, join=True)
-    r0 = torch.load(tmp_path / "rank0.pt", weights_only=True)
-    r1 = torch.load(tmp_path / "rank1.pt", weights_only=True)
-    none = [-1] * 6
-
-    # Sharded by sample id: each rank keeps only the corrections of the samples it owns.
-    assert (r0["owned"], r1["owned"]) == (2, 2)
-
-    # Rank 0 sees sample 4 (found on rank 1, owned here) and sample 9 (found and owned on rank 1).
-    assert r0["labels"].tolist() == [[-1, -1, 1, -1, -1, -1], [-1, -1, -1, 1, -1, -1], none]
-    # Rank 1 sees sample 7 (found on rank 0, owned here) and sample 6 (found and owned on rank 0).
-    assert r1["labels"].tolist() == [[-1, -1, -1, -1, -1, 1], [-1, 1, -1, -1, -1, -1], none]
-
-    # state_dict gathers every rank's corrections, identically on both ranks.
-    everything = [(4, 2), (6, 1), (7, 5), (9, 3)]
-    for r in (r0, r1):
-        assert sorted(map(tuple, r["pairs"].tolist())) == everything
-
-    # Resuming in a world of one keeps everything.
-    single = CorrectionStore(num_classes=6)
-    single.load_state_dict({"pairs": r0["pairs"], "num_classes": r0["num_classes"]})
-    assert len(single) == 4
-    out = single.apply(torch.full((5, 6), -1, dtype=torch.int8), torch.tensor([9, 7, 4, 0, 6]))
-    assert out.tolist() == [[-1, -1, -1, 1, -1, -1], [-1, -1, -1, -1, -1, 1], [-1, -1, 1, -1, -1, -1], none,
-                            [-1, 1, -1, -1, -1, -1]]

@@ -39,10 +39,10 @@ def _set_env(rank: int, world: int, port: int) -> None:
 
 
 # ------------------------------------------------------------------------------------ no host sync per step
-def _spy_worker(rank: int, world: int, port: int, shards: str, out_dir: str) -> None:
+def _spy_worker(rank: int, world: int, port: int, shards: str, out_dir: str, scheme: str) -> None:
     _set_env(rank, world, port)
     import bgtrain.trainer as trainer_module
-    cfg = load_config(SMOKE, [f"data.shards={shards}", f"out_dir={out_dir}", "loss.scheme=LL-R",
+    cfg = load_config(SMOKE, [f"data.shards={shards}", f"out_dir={out_dir}", f"loss.scheme={scheme}",
                               "loss.delta_rel=0.05", "optim.epochs=2", "data.max_batches=6", "log_every=3",
                               "checkpoint.every_steps=0", "data.workers=0"])
     trainer = trainer_module.Trainer(cfg)
@@ -84,12 +84,13 @@ def _spy_worker(rank: int, world: int, port: int, shards: str, out_dir: str) -> 
 
 
 @pytest.mark.distributed  # two gloo ranks
-def test_no_host_sync_or_all_reduce_on_steps_that_do_not_log(smoke_shards, tmp_path):
-    """LL-R at epoch 2 on two gloo ranks, six steps logging every third.
+@pytest.mark.parametrize("scheme", ["LL-R", "LL-Cp"])
+def test_no_host_sync_or_all_reduce_on_steps_that_do_not_log(smoke_shards, tmp_path, scheme):
+    """LL-R and LL-Cp at epoch 2 on two gloo ranks, six steps logging every third.
 
-    LL-Cp is left out on purpose: it gathers the batch's corrections from their owners every step, a collective
-    by design; ROLE likewise all-gathers its table gradient and EM+APL looks up its soft targets."""
-    mp.spawn(_spy_worker, args=(2, free_port(), str(smoke_shards), str(tmp_path)), nprocs=2, join=True)
+    LL-Cp's store labels a batch and records its corrections on the rank itself (tests/test_llcp_store.py).
+    ROLE and EM+APL are left out: they exchange per-step data with the other ranks by design."""
+    mp.spawn(_spy_worker, args=(2, free_port(), str(smoke_shards), str(tmp_path), scheme), nprocs=2, join=True)
     steps, log_every = 6, 3
     quiet = [s for s in range(1, steps) if s % log_every]  # neither logging nor the epoch's last step
     assert quiet == [1, 2, 4, 5]

@@ -22,7 +22,7 @@ from bgtrain.config import DataConfig
 from bgtrain.data.backend import Backend, RawBatch
 from bgtrain.data.common import flip_mask, normalise, split_info
 from bgtrain.data.dali import DaliBackend
-from bgtrain.data.plan import EpochPlan, plan_epoch
+from bgtrain.data.plan import EpochPlan, SampleReaders, plan_epoch, sample_readers
 from bgtrain.data.wds import WebDatasetBackend
 from bgtrain.distributed import WorldInfo
 from bgtrain.labels import rows_from_padded
@@ -82,6 +82,10 @@ class Loader:
                 self.info, self.seed, self.epoch, self.world.world_size, self.backend.slots_per_rank(),
                 self.batch_size, shuffle=self.train, epoch_samples=nominal, pad_at_end=self.backend.pad_at_end()))
         return self._plan[1]
+
+    def sample_readers(self) -> SampleReaders:
+        """Which rank reads each sample id in this epoch (exact epochs only)."""
+        return sample_readers(self.plan(), self.info.shard_sizes)
 
     def __len__(self) -> int:
         n = self.plan().steps_per_epoch

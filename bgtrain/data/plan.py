@@ -35,6 +35,7 @@ from dataclasses import dataclass
 from itertools import accumulate
 
 import numpy as np
+import torch
 
 from bgtrain.data.common import SplitInfo
 
@@ -195,3 +196,39 @@ def plan_summary(plan: EpochPlan) -> dict[str, float | int]:
     return {"steps_per_epoch": plan.steps_per_epoch, "ideal_steps": ideal,
             "overhead": round(plan.steps_per_epoch / ideal, 4) if ideal else 1.0,
             "padded_samples": plan.padded_samples, "samples": plan.samples}
+
+
+@dataclass(frozen=True)
+class SampleReaders:
+    """Which rank reads each sample id in one exact epoch: ranges ``[starts[i], stops[i])`` read by ``ranks[i]``.
+
+    Sample ids are positions in the split's written order, so a plan piece (shard, start, stop) is one id
+    range. A sample no rank reads (none in an exact epoch) is given to rank ``id % world``.
+    """
+
+    starts: torch.Tensor  # int64, ascending
+    stops: torch.Tensor
+    ranks: torch.Tensor
+    world: int
+
+    def rank_of(self, sample_ids: torch.Tensor) -> torch.Tensor:
+        """The reading rank of each id, on the ids' device (vectorised, no host read)."""
+        ids = sample_ids.long()
+        if not self.starts.numel():
+            return ids % self.world
+        starts, stops, ranks = (t.to(ids.device) for t in (self.starts, self.stops, self.ranks))
+        at = (torch.searchsorted(starts, ids, right=True) - 1).clamp(min=0)
+        inside = (starts[at] <= ids) & (ids < stops[at])
+        return torch.where(inside, ranks[at], ids % self.world)
+
+
+def sample_readers(plan: EpochPlan, shard_sizes: tuple[int, ...]) -> SampleReaders:
+    """The :class:`SampleReaders` of an exact epoch's plan; resampled epochs read a sample on several ranks."""
+    if plan.resampled:
+        raise ValueError("a resampled epoch (data.resampled) may read a sample on several ranks: it has no "
+                         "single reader per sample")
+    offsets = [0, *accumulate(shard_sizes)]
+    ranges = sorted((offsets[p.shard] + p.start, offsets[p.shard] + p.stop, slot // plan.workers)
+                    for slot, slot_pieces in enumerate(plan.slots) for p in slot_pieces if len(p))
+    table = torch.tensor(ranges, dtype=torch.int64).reshape(-1, 3)
+    return SampleReaders(table[:, 0].contiguous(), table[:, 1].contiguous(), table[:, 2].contiguous(), plan.world)

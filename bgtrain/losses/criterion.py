@@ -3,6 +3,8 @@
 A criterion is called once per step, ``criterion(logits, labels, epoch, valid, sample_ids) -> LossOutput``,
 and has hooks that the trainer calls on every rank, each a no-op unless a criterion needs it:
 
+- ``begin_epoch(readers)`` before each epoch's first step, resumed ones included (LL-Cp hands each
+  correction to the rank that reads its sample);
 - ``prepare_labels(labels, sample_ids)`` before the forward pass (LL-Cp applies its corrections);
 - ``after_step(out, sample_ids)`` after the optimizer step (ROLE's table step, LL-Cp records corrections);
 - ``end_epoch(epoch, score_train)`` after each epoch (EM+APL's pseudo-labelling pass);
@@ -15,6 +17,7 @@ from collections.abc import Callable
 
 import torch
 
+from bgtrain.data.plan import SampleReaders
 from bgtrain.distributed import rank_and_world
 from bgtrain.labels import CorrectionStore
 from bgtrain.losses.functional import LossOutput
@@ -23,6 +26,9 @@ from bgtrain.losses.large_loss import large_loss_output
 ScoreTrain = Callable[[], tuple]
 """Scores this rank's share of the training split: () -> (scores, observed labels, sample ids)."""
 
+EpochReaders = Callable[[], SampleReaders]
+"""Which rank reads each training sample in the coming epoch (computed only when asked)."""
+
 
 class Criterion:
     """Base class of every training criterion: ``__call__`` plus hooks that do nothing by default."""
@@ -30,6 +36,9 @@ class Criterion:
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor, epoch: int, valid: torch.Tensor | None = None,
                  sample_ids: torch.Tensor | None = None) -> LossOutput:
         raise NotImplementedError
+
+    def begin_epoch(self, readers: EpochReaders) -> None:
+        """Called before the first step of each epoch, and of a resumed one (may be collective)."""
 
     def prepare_labels(self, labels: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
         """The training labels of a batch (collective for criteria that keep label state)."""
@@ -75,12 +84,17 @@ class LargeLossCriterion(Criterion):
                  sample_ids: torch.Tensor | None = None) -> LossOutput:
         return large_loss_output(logits, labels, self.scheme, epoch, self.delta_rel, valid)
 
+    def begin_epoch(self, readers: EpochReaders) -> None:
+        """LL-Cp: each correction moves to the rank that reads its sample this epoch (collective)."""
+        if self.store is not None:
+            self.store.begin_epoch(readers())
+
     def prepare_labels(self, labels: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
-        """LL-Cp: the labels with every stored correction set to 1 (collective: asks the owners)."""
+        """LL-Cp: the labels with every correction from earlier epochs set to 1 (local: no collective)."""
         return self.store.apply(labels, sample_ids) if self.store is not None else labels
 
     def after_step(self, out: LossOutput | None = None, sample_ids: torch.Tensor | None = None) -> None:
-        """LL-Cp: keep this step's corrections (collective); they exclude padded rows by construction."""
+        """LL-Cp: keep this step's corrections on this rank (no collective); padded rows are excluded."""
         if self.store is not None and out is not None and out.corrections is not None and sample_ids is not None:
             self.store.record(sample_ids, out.corrections)
 
