@@ -120,15 +120,26 @@ class CorrectionStore:
         self._queued: list[tuple[torch.Tensor, torch.Tensor]] = []  # (sample ids, correction mask) per step
 
     def __len__(self) -> int:
-        """Corrections this rank holds (a host read)."""
-        return int(self.keys().numel())
+        """Corrections this rank holds (a host read of the queue).
+
+        Counted without merging, so it costs what the queue holds, not what the store holds; exact while no
+        correction is recorded twice in one epoch, which LL-Cp never does (it corrects unknown entries only).
+        """
+        self._flush()
+        return self._visible.numel() + sum(k.numel() for k in self._found)
+
+    def nbytes(self) -> int:
+        """Bytes of the tensors that hold this rank's corrections (the queue's masks included)."""
+        held = [self._visible, *self._found, *(t for pair in self._queued for t in pair)]
+        return sum(t.numel() * t.element_size() for t in held)
 
     def keys(self) -> torch.Tensor:
         """Every correction this rank holds, as sorted unique keys ``sample * C + class``."""
         self._flush()
-        if not self._found:
-            return self._visible
-        return torch.unique(torch.cat([self._visible.to(self._found[0].device), *self._found]))  # sorted
+        if self._found:
+            found = torch.unique(torch.cat(self._found))
+            return merge_sorted(self._visible.to(found.device), found)
+        return self._visible
 
     def record(self, sample_ids: torch.Tensor, mask: torch.Tensor) -> None:
         """Remember that ``mask[i, c]`` makes class c of ``sample_ids[i]`` positive from the next epoch on."""
@@ -143,7 +154,7 @@ class CorrectionStore:
         mask = torch.cat([m for _, m in self._queued]) & (ids >= 0)[:, None]   # placeholders carry id -1
         self._queued = []
         classes = torch.arange(self.num_classes, device=mask.device)
-        self._found.append((ids[:, None] * self.num_classes + classes)[mask])   # the host read
+        self._found.append(torch.unique((ids[:, None] * self.num_classes + classes)[mask]))   # the host read
 
     def apply(self, labels: torch.Tensor, sample_ids: torch.Tensor) -> torch.Tensor:
         """Labels with every correction of these samples from earlier epochs set to 1 (a new tensor).
@@ -172,14 +183,13 @@ class CorrectionStore:
         self._visible, self._found = keys, []
 
     def state_dict(self) -> dict:
-        """Every rank's keys, sorted, on rank 0, the checkpoint writer; the other ranks' ``keys`` are empty.
-
-        Collective. No rank but the writer ever holds the whole store.
+        """Every rank's keys on rank 0, the checkpoint writer, in rank order (each rank's part sorted); the other
+        ranks' ``keys`` are empty. Collective. No rank but the writer ever holds the whole store.
         """
         from bgtrain.collectives import gather_rows
         gathered = gather_rows(self.keys().cpu())
-        keys = torch.sort(gathered).values if gathered is not None else torch.empty(0, dtype=torch.int64)
-        return {"keys": keys, "num_classes": self.num_classes}
+        return {"keys": gathered if gathered is not None else torch.empty(0, dtype=torch.int64),
+                "num_classes": self.num_classes}
 
     def load_state_dict(self, state: dict) -> None:
         """This rank's contiguous share of a checkpoint's keys, visible at once; :meth:`begin_epoch` routes them.
@@ -194,5 +204,21 @@ class CorrectionStore:
         else:
             keys = state["keys"].long()
         n = keys.numel()
-        self._visible = keys[n * self.rank // self.world: n * (self.rank + 1) // self.world].clone()
+        self._visible = torch.sort(keys[n * self.rank // self.world: n * (self.rank + 1) // self.world]).values
         self._found, self._queued = [], []
+
+
+def merge_sorted(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+    """The sorted union of two sorted unique 1-D tensors, in time linear in ``a`` (no sort of the whole)."""
+    if a.numel() == 0 or b.numel() == 0:
+        return b if a.numel() == 0 else a
+    at = torch.searchsorted(a, b)
+    fresh = a[at.clamp(max=a.numel() - 1)] != b
+    b, at = b[fresh], at[fresh]
+    out = torch.empty(a.numel() + b.numel(), dtype=a.dtype, device=a.device)
+    from_b = at + torch.arange(b.numel(), device=a.device)   # b[i] lands after the at[i] smaller keys of a
+    keep_a = torch.ones(out.numel(), dtype=torch.bool, device=a.device)
+    keep_a[from_b] = False
+    out[from_b] = b
+    out[keep_a] = a
+    return out

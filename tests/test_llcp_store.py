@@ -8,6 +8,7 @@ the middle of an epoch and at an epoch's start, and the new store must make no c
 from __future__ import annotations
 
 import json
+import math
 from itertools import accumulate
 from pathlib import Path
 
@@ -18,7 +19,7 @@ import torch.distributed as dist
 import torch.multiprocessing as mp
 
 from bgtrain.data.plan import EpochPlan, plan_sizes, sample_readers
-from bgtrain.labels import CorrectionStore, single_positive
+from bgtrain.labels import CorrectionStore, merge_sorted, single_positive
 from bgtrain.losses.criterion import LargeLossCriterion
 from tests.conftest import free_port, join_gloo_group
 from tests.reference_llcp import ReferenceCorrectionStore
@@ -240,3 +241,23 @@ def test_a_world_of_one_needs_no_readers() -> None:
     store.record(torch.tensor([1]), torch.tensor([[False, True]]))
     store.begin_epoch(None)
     assert store.keys().tolist() == [3]
+
+
+def test_merge_sorted_equals_the_sorted_union() -> None:
+    g = torch.Generator().manual_seed(0)
+    for n_a, n_b in [(0, 5), (5, 0), (50, 30), (1000, 1000), (3, 200)]:
+        a = torch.unique(torch.randint(0, 400, (n_a,), generator=g))
+        b = torch.unique(torch.randint(0, 400, (n_b,), generator=g))
+        assert torch.equal(merge_sorted(a, b), torch.unique(torch.cat([a, b])))
+
+
+def test_store_benchmark_reports_its_figures_and_the_baseline(capsys) -> None:
+    from bgtrain.bench.__main__ import main as bench_main
+    assert bench_main(["llcp", "--corrections", "2000", "--samples", "5000", "--classes", "40", "--batch", "4",
+                       "--delta", "0.05", "--steps", "70", "--baseline-max", "2000"]) == 0
+    setup, row = (json.loads(line) for line in capsys.readouterr().out.splitlines())
+    assert setup["corrections_per_step"] == math.ceil(4 * 40 * 0.05)
+    assert row["corrections"] == 2000 and row["bytes_per_correction"] == 8.0
+    assert row["baseline"]["bytes_per_correction"] > 0
+    assert set(row["ratio_to_baseline"]) == {"bytes_per_correction", "save_s", "load_s"}
+    assert all(row[k] >= 0 for k in ("record_us", "apply_us", "epoch_merge_s", "save_s", "load_s"))

@@ -15,6 +15,7 @@ SUBCOMMANDS = {
     "boostlu": "bgtrain.bench.boostlu",
     "loader": "bgtrain.bench.loader",
     "train": "bgtrain.bench.train",
+    "llcp": "bgtrain.bench.llcp",
 }
 
 
