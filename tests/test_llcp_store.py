@@ -261,3 +261,13 @@ def test_store_benchmark_reports_its_figures_and_the_baseline(capsys) -> None:
     assert row["baseline"]["bytes_per_correction"] > 0
     assert set(row["ratio_to_baseline"]) == {"bytes_per_correction", "save_s", "load_s"}
     assert all(row[k] >= 0 for k in ("record_us", "apply_us", "epoch_merge_s", "save_s", "load_s"))
+
+
+def test_config_refuses_llcp_with_resampled_epochs(tmp_path) -> None:
+    from bgtrain.config import ConfigError, load_config
+    from tests.conftest import REPO
+    with pytest.raises(ConfigError, match=r"smoke.yaml: data.resampled: LL-Cp needs exact epochs"):
+        load_config(REPO / "configs/smoke.yaml", ["loss.scheme=LL-Cp", "data.resampled=true",
+                                                  "data.epoch_samples=100"])
+    assert load_config(REPO / "configs/smoke.yaml", ["loss.scheme=LL-R", "data.resampled=true",
+                                                     "data.epoch_samples=100"]).data.resampled
