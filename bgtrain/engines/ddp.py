@@ -35,6 +35,32 @@ class DDPEngine:
         self.dtype = DTYPES[cfg.engine.precision]
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.engine.precision == "fp16")
         self.micro_step = 0
+        self._settle_buckets()
+
+    def _settle_buckets(self) -> None:
+        """Give DDP its final gradient buckets before the first real step, in a fresh run and a resumed one alike.
+
+        DDP regroups its buckets in gradient-ready order after the first backward. A resumed run's first step
+        would otherwise use the initial buckets where the run it continues used the regrouped ones; an element's
+        place in a bucket decides the order in which the all-reduce adds the ranks' values, and from 3 ranks on
+        that changes the last bits (2 ranks: a + b = b + a). One backward of an empty batch, in eval mode so
+        that BatchNorm's statistics stay as they are, makes every run regroup before its first step; its zero
+        gradients are dropped. A compiled model is left alone: an empty batch would cost it a compile.
+        """
+        if not isinstance(self.model, DistributedDataParallel) or self.cfg.engine.compile:
+            return
+        size = self.cfg.data.image_size
+        empty = torch.zeros((0, 3, size, size), device=self.device)
+        if self.cfg.model.channels_last:
+            empty = empty.contiguous(memory_format=torch.channels_last)
+        was_training = self.module.training
+        self.module.eval()
+        with self.autocast():
+            logits = self.model(empty)
+        logits.float().sum().backward()
+        for p in self.module.parameters():
+            p.grad = None
+        self.module.train(was_training)
 
     def autocast(self) -> contextlib.AbstractContextManager:
         return torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32)
