@@ -2,6 +2,10 @@
 
 Writes are atomic (temporary file, fsync, rename, fsync of the folder), so a kill at any moment
 leaves either the old or the new file, and a failed write (disk full) leaves no temporary file.
+:class:`CheckpointSaver` writes in a background thread: training pauses only to copy the state to host
+memory, at most one write is in flight, and a failed write is raised at the next step or at the end,
+naming the path. ``best.pt`` is a hard link to the step file it names, not a second write. A resume
+reads the checkpoint once per rank: :func:`load` checks every member's CRC on the bytes it loads.
 ``checkpoints/history.json`` lists this run's step checkpoints in the order they were written:
 ``resume: latest`` takes the newest of them that loads (saying which it skipped and why), and only
 they are pruned to the last K. :func:`prepare_resume` decides, before training starts, whether a run
@@ -10,11 +14,13 @@ may start or resume in its ``out_dir``. Everything is loaded with ``weights_only
 from __future__ import annotations
 
 import dataclasses
+import io
 import json
 import os
 import random
 import re
 import shutil
+import threading
 import time
 import typing
 import warnings
@@ -59,18 +65,66 @@ def atomic_save(obj: dict, path: Path) -> None:
     _fsync_dir(path.parent)
 
 
-def why_unloadable(path: str | Path) -> str | None:
-    """None when ``path`` is a complete checkpoint file, else the reason (zero bytes, truncated, corrupt).
+def link_atomically(target: Path, link: Path) -> None:
+    """Make ``link`` another name of ``target`` (a hard link), replacing what ``link`` was in one step.
 
-    torch.save writes a zip archive with a CRC per member, so reading it through finds truncation and
-    flipped bytes without unpickling anything.
+    A file system without hard links (some network and FUSE mounts) gets an atomic copy instead.
+    """
+    tmp = link.with_name(f".{link.name}.tmp{os.getpid()}")
+    tmp.unlink(missing_ok=True)
+    try:
+        try:
+            os.link(target, tmp)
+        except OSError:
+            shutil.copyfile(target, tmp)
+        os.replace(tmp, link)
+    finally:
+        tmp.unlink(missing_ok=True)
+    _fsync_dir(link.parent)
+
+
+def to_host(state: object) -> object:
+    """A copy of ``state`` whose tensors live in host memory and share nothing with the training's tensors.
+
+    Device tensors are copied without blocking and waited for once; host tensors are cloned, since training
+    updates weights and optimizer state in place while the background write is reading them.
+    """
+    copies: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    def copy(x: object) -> object:
+        if isinstance(x, torch.Tensor):
+            if x.device.type == "cpu":
+                return x.detach().clone()
+            out = torch.empty_like(x, device="cpu", pin_memory=True)
+            copies.append((out, x))
+            return out
+        if isinstance(x, dict):
+            return {k: copy(v) for k, v in x.items()}
+        if isinstance(x, (list, tuple)):
+            return type(x)(copy(v) for v in x)
+        return x
+
+    out = copy(state)
+    for dst, src in copies:
+        dst.copy_(src.detach(), non_blocking=True)
+    if copies:
+        torch.cuda.synchronize()
+    return out
+
+
+def why_unloadable(path: str | Path, full: bool = False) -> str | None:
+    """None when ``path`` looks like a complete checkpoint file, else the reason (zero bytes, truncated, corrupt).
+
+    torch.save writes a zip archive. Opening it reads only its central directory at the end of the file, which a
+    truncated copy has lost: that is the cheap check used to choose a checkpoint. ``full`` also reads every
+    member through its CRC, which finds flipped bytes; :func:`load` does that on the bytes it loads anyway.
     """
     path = Path(path)
     try:
         if path.stat().st_size == 0:
             return "zero bytes"
         with zipfile.ZipFile(path) as z:
-            bad = z.testzip()
+            bad = z.testzip() if full else None
     except zipfile.BadZipFile as e:
         return f"truncated or not a checkpoint ({e})"
     except OSError as e:
@@ -79,14 +133,27 @@ def why_unloadable(path: str | Path) -> str | None:
 
 
 def load(path: str | Path) -> dict:
-    """Load a checkpoint safely (tensors and plain containers only)."""
+    """Load a checkpoint safely (tensors and plain containers only), reading the file once.
+
+    The bytes read are checked member by member against the archive's CRCs before they are unpickled, so a
+    corrupt file is one line naming it and the member, never a half-loaded state.
+    """
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"checkpoint {path} does not exist")
+    data = io.BytesIO(path.read_bytes())
     try:
-        return torch.load(path, map_location="cpu", weights_only=True)
-    except (RuntimeError, EOFError, zipfile.BadZipFile) as e:  # torch's ways of saying truncated or foreign
-        raise DataError(f"checkpoint {path} cannot be loaded: {why_unloadable(path) or str(e).splitlines()[0]}") from e
+        with zipfile.ZipFile(data) as z:
+            bad = z.testzip()
+        if bad is not None:
+            raise DataError(f"checkpoint {path} cannot be loaded: corrupt member {bad} (CRC mismatch)")
+        data.seek(0)
+        return torch.load(data, map_location="cpu", weights_only=True)
+    except zipfile.BadZipFile as e:
+        reason = "zero bytes" if not data.getbuffer().nbytes else f"truncated or not a checkpoint ({e})"
+        raise DataError(f"checkpoint {path} cannot be loaded: {reason}") from e
+    except (RuntimeError, EOFError) as e:  # torch's ways of saying foreign
+        raise DataError(f"checkpoint {path} cannot be loaded: {str(e).splitlines()[0]}") from e
 
 
 def peek(path: str | Path) -> dict:
@@ -124,6 +191,11 @@ class CheckpointSaver:
         self.keep_last = keep_last
         self.skipped: list[str] = []   # "PATH: reason" for each checkpoint `latest` passed over
         self._history: list[str] | None = None
+        self._thread: threading.Thread | None = None   # the write in flight
+        self._writing: Path | None = None
+        self._error: BaseException | None = None
+        self.last_stall_s = 0.0   # the training loop's pause for the latest save (copy to host memory)
+        self.last_write_s = 0.0   # the latest background write (serialise, fsync, rename, prune)
 
     def steps(self) -> list[Path]:
         """Every step checkpoint in the folder, by step number (this run's or not)."""
@@ -163,12 +235,37 @@ class CheckpointSaver:
         return None
 
     def save(self, state: dict, step: int, is_best: bool = False) -> Path:
-        """Write ``step-N.pt`` (and ``best.pt``), then drop this run's step checkpoints beyond the last K."""
-        self.folder.mkdir(parents=True, exist_ok=True)
+        """Start writing ``step-N.pt`` (and linking ``best.pt``) in the background; returns its path.
+
+        The caller pauses only while ``state`` is copied to host memory; the write, fsync, rename, history and
+        pruning happen in a thread. A write still in flight is waited for first (at most one at a time), and a
+        failed one is raised here if :meth:`check` has not raised it already.
+        """
+        self.wait()
         path = self.folder / f"step-{step:09d}.pt"
+        started = time.perf_counter()
+        host = to_host(state)
+        self.last_stall_s = time.perf_counter() - started
+        self._writing = path
+        self._thread = threading.Thread(target=self._write, args=(host, path, is_best), name="checkpoint-writer",
+                                        daemon=True)
+        self._thread.start()
+        return path
+
+    def _write(self, state: dict, path: Path, is_best: bool) -> None:
+        started = time.perf_counter()
+        try:
+            self.write_now(state, path, is_best)
+        except BaseException as e:  # handed to the training thread by check() / wait()
+            self._error = e
+        self.last_write_s = time.perf_counter() - started
+
+    def write_now(self, state: dict, path: Path, is_best: bool = False) -> None:
+        """Write ``path`` atomically, point ``best.pt`` at it, record it in the history and prune to the last K."""
+        self.folder.mkdir(parents=True, exist_ok=True)
         atomic_save(state, path)
         if is_best:
-            atomic_save(state, self.folder / "best.pt")
+            link_atomically(path, self.folder / "best.pt")
         # A fresh run starts its own history: step files it did not write (or resume from) are never pruned.
         own = self._history if self._history is not None else (self._recorded() or [])
         history = [n for n in own if n != path.name] + [path.name]
@@ -176,7 +273,22 @@ class CheckpointSaver:
             (self.folder / name).unlink(missing_ok=True)
         self._history = history[-self.keep_last:]
         _write_json(self.folder / HISTORY, {"steps": self._history})
-        return path
+
+    def check(self) -> None:
+        """Raise a background write that failed, naming its path; cheap enough for every step."""
+        if self._error is not None and self._thread is not None and not self._thread.is_alive():
+            self.wait()
+
+    def wait(self, raise_error: bool = True) -> None:
+        """Wait for the write in flight; raise it, naming the path, if it failed (unless ``raise_error`` is False,
+        for a run that is already failing and must not hide its own error behind this one)."""
+        if self._thread is not None:
+            self._thread.join()
+            self._thread = None
+        error, self._error = self._error, None
+        if error is not None and raise_error:
+            reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
+            raise DataError(f"checkpoint {self._writing} was not written: {reason}") from error
 
     def resolve(self, resume: str | None) -> Path | None:
         """The checkpoint ``checkpoint.resume`` names: None, "latest" (None if there is none yet) or a path."""
@@ -249,6 +361,13 @@ def _num_classes(state: dict) -> int | None:
         return int(_model_state(state, Path("?"))["classifier.weight"].shape[0])
     except (KeyError, AttributeError, IndexError):
         return None
+
+
+def classes_in(path: str | Path) -> int | None:
+    """How many classes a checkpoint's classifier has, read without loading its tensors; None if it has none."""
+    if not Path(path).is_file():
+        raise FileNotFoundError(f"checkpoint {path} does not exist")
+    return _num_classes(peek(path))
 
 
 def _epoch_end_checkpoint(path: Path) -> Path | None:

@@ -3,7 +3,8 @@
 Values are parsed with ``yaml.safe_load`` and never executed. Every field is checked against its
 type and, for a number, its range; an unknown key or a bad value raises :class:`ConfigError` naming the key and
 what is allowed. Each field carries its help text and range as metadata (:func:`setting`); the README's key table
-is generated from them (``python -m bgtrain.config --markdown``).
+is generated from them (``python -m bgtrain.config_docs --markdown``). This module has no command line: one
+here would import :mod:`bgtrain.config_docs`, which imports this module, so ``python -m`` would load it twice.
 """
 from __future__ import annotations
 
@@ -321,6 +322,10 @@ def _validate(cfg: TrainConfig) -> None:
     # rules that tie two keys together
     if cfg.data.resampled and cfg.data.epoch_samples is None:
         raise ConfigError("data.epoch_samples: is required when data.resampled is true")
+    if cfg.data.resampled and cfg.loss.scheme == "LL-Cp":
+        # LL-Cp's store relies on every sample being read once per epoch, by one rank (bgtrain.labels).
+        raise ConfigError("data.resampled: LL-Cp needs exact epochs (each sample read once per epoch); set "
+                          "data.resampled=false or choose another loss.scheme")
     if cfg.engine.zero_stage != 0 and cfg.engine.engine != "deepspeed":
         raise ConfigError(f"engine.zero_stage: {cfg.engine.zero_stage} needs engine.engine=deepspeed")
     if cfg.engine.engine == "deepspeed":  # options the DeepSpeed engine cannot honour fail here, not silently
@@ -422,7 +427,5 @@ def save_config(cfg: TrainConfig, path: str | Path) -> None:
     Path(path).write_text(yaml.safe_dump(to_dict(cfg), sort_keys=False))
 
 
-if __name__ == "__main__":   # `python -m bgtrain.config`: the command line lives in bgtrain.config_docs
-    from bgtrain.config_docs import main
-
-    raise SystemExit(main())
+if __name__ == "__main__":
+    raise SystemExit("python -m bgtrain.config: the config command line is python -m bgtrain.config_docs")

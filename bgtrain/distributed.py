@@ -1,4 +1,7 @@
-"""Distributed set-up: the only module that reads RANK / WORLD_SIZE and starts the process group."""
+"""Distributed set-up: the only module that reads RANK / WORLD_SIZE and starts the process group.
+
+The collectives themselves live in :mod:`bgtrain.collectives`.
+"""
 from __future__ import annotations
 
 import datetime
@@ -10,7 +13,6 @@ import subprocess
 import threading
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import TypeVar
 
 import torch
 import torch.distributed as dist
@@ -133,49 +135,3 @@ def _give_up(message: str) -> None:
 def shutdown() -> None:
     if dist.is_initialized():
         dist.destroy_process_group()
-
-
-def world_size() -> int:
-    return dist.get_world_size() if dist.is_initialized() else 1
-
-
-def all_gather_rows(t: torch.Tensor) -> torch.Tensor:
-    """Concatenate tensors of different lengths along dim 0 from every rank (rank order)."""
-    if world_size() == 1:
-        return t
-    n = torch.tensor([t.shape[0]], device=t.device)
-    sizes = [torch.zeros_like(n) for _ in range(world_size())]
-    dist.all_gather(sizes, n)
-    longest = int(max(s.item() for s in sizes))
-    padded = torch.zeros((longest, *t.shape[1:]), dtype=t.dtype, device=t.device)
-    padded[: t.shape[0]] = t
-    parts = [torch.zeros_like(padded) for _ in sizes]
-    dist.all_gather(parts, padded)
-    return torch.cat([p[: int(s.item())] for p, s in zip(parts, sizes)])
-
-
-T = TypeVar("T")
-
-
-def broadcast_object(obj: T, src: int = 0) -> T:
-    """Rank ``src``'s ``obj`` on every rank (``obj`` itself without a process group)."""
-    if world_size() == 1:
-        return obj
-    box = [obj]
-    dist.broadcast_object_list(box, src=src)
-    return box[0]
-
-
-def rank_and_world() -> tuple[int, int]:
-    """(rank, world size) of the running process group; (0, 1) without one."""
-    return (dist.get_rank(), dist.get_world_size()) if dist.is_initialized() else (0, 1)
-
-
-def sum_over_ranks(counts: dict[str, int], device: torch.device) -> dict[str, int]:
-    """Integer counts (same keys on every rank) summed over all ranks (collective; identity without a group)."""
-    if world_size() == 1:
-        return dict(counts)
-    keys = sorted(counts)
-    t = torch.tensor([counts[k] for k in keys], dtype=torch.int64, device=device)
-    dist.all_reduce(t)
-    return dict(zip(keys, t.tolist()))

@@ -23,6 +23,7 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
+from bgtrain.collectives import all_gather_fixed, all_to_all_pieces
 from bgtrain.metrics import (
     NO_POSITIVE_RULES,
     APResult,
@@ -48,20 +49,6 @@ def class_blocks(num_classes: int, world: int) -> list[tuple[int, int]]:
     return [(int(starts[r]), int(starts[r + 1])) for r in range(world)]
 
 
-def _exchange(send: list[torch.Tensor], recv_shapes: list[tuple[int, int]], group) -> torch.Tensor:
-    """All-to-all of 2-D pieces of different sizes; returns the received pieces stacked by rows.
-
-    gloo's list ``all_to_all`` requires equal sizes (checked, torch 2.14), so pieces travel flattened
-    through ``all_to_all_single`` with split sizes, which gloo and nccl both accept uneven and empty.
-    """
-    flat = torch.cat([t.reshape(-1) for t in send])
-    out_splits = [r * c for r, c in recv_shapes]
-    out = torch.empty(sum(out_splits), dtype=flat.dtype, device=flat.device)
-    dist.all_to_all_single(out, flat, out_splits, [t.numel() for t in send], group=group)
-    del flat
-    return torch.cat([p.view(shape) for p, shape in zip(out.split(out_splits), recv_shapes)])
-
-
 def sharded_ap_with_counts(scores_local, labels_local, group=None) -> APResult:
     """Per-class AP and counts from rows spread over ranks; every rank gets the full (C,) result."""
     scores, labels = as_matrix(scores_local, "scores"), as_matrix(labels_local, "labels")
@@ -77,9 +64,7 @@ def sharded_ap_with_counts(scores_local, labels_local, group=None) -> APResult:
     if scores.dtype not in dtypes:
         raise ValueError(f"scores must be one of {dtypes}, got {scores.dtype}")
     meta = torch.tensor([scores.shape[0], scores.shape[1], dtypes.index(scores.dtype)], dtype=torch.int64, device=dev)
-    gathered = [torch.empty_like(meta) for _ in range(world)]
-    dist.all_gather(gathered, meta, group=group)
-    metas: list[list[int]] = [m.tolist() for m in gathered]
+    metas: list[list[int]] = all_gather_fixed(meta, group).tolist()
     if len({(m[1], m[2]) for m in metas}) != 1:
         raise ValueError(f"ranks disagree on (num_classes, score dtype): {[(m[1], dtypes[m[2]]) for m in metas]}")
     num_classes = metas[0][1]
@@ -87,8 +72,8 @@ def sharded_ap_with_counts(scores_local, labels_local, group=None) -> APResult:
     c0, c1 = blocks[rank]
     # Redistribute: rank r sends rows x block d to rank d and receives all rows of its own block.
     recv_shapes = [(m[0], c1 - c0) for m in metas]
-    recv_scores = _exchange([scores[:, a:b] for a, b in blocks], recv_shapes, group)
-    recv_labels = _exchange([labels[:, a:b] for a, b in blocks], recv_shapes, group)
+    recv_scores = all_to_all_pieces([scores[:, a:b] for a, b in blocks], recv_shapes, group)
+    recv_labels = all_to_all_pieces([labels[:, a:b] for a, b in blocks], recv_shapes, group)
     del scores, labels
     block = ap_with_counts(recv_scores, recv_labels)
     del recv_scores, recv_labels
@@ -98,8 +83,7 @@ def sharded_ap_with_counts(scores_local, labels_local, group=None) -> APResult:
     packed[0, : c1 - c0] = block.ap
     packed[1, : c1 - c0] = block.n_pos.double()  # exact: counts < 2**53
     packed[2, : c1 - c0] = block.n_known.double()
-    gathered = [torch.empty_like(packed) for _ in range(world)]
-    dist.all_gather(gathered, packed, group=group)
+    gathered = all_gather_fixed(packed, group)
     full = torch.cat([g[:, : b - a] for g, (a, b) in zip(gathered, blocks)], dim=1)
     return APResult(ap=full[0], n_pos=full[1].long(), n_known=full[2].long())
 
@@ -227,23 +211,29 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: Sequence[str] | None = None) -> dict | None:
     """Score a checkpoint on a split, shard AP by class over ranks, print and write the group table."""
     args = build_parser().parse_args(argv)
-    from bgtrain.checkpoint import load_model_for_eval
+    from bgtrain.checkpoint import classes_in, load_model_for_eval
     from bgtrain.cli import DataError, UsageError
+    from bgtrain.collectives import sum_over_ranks
     from bgtrain.data import build_loader
-    from bgtrain.distributed import init_distributed, shutdown, sum_over_ranks
+    from bgtrain.distributed import init_distributed, shutdown
     from bgtrain.predict import predict
     from shards.format import read_manifest
 
     manifest = read_manifest(args.shards)  # a bad folder fails before any process group
     num_classes = len(manifest.get("classes", []))
-    if not 1 <= args.groups <= num_classes:  # checked before the (long) scoring, not after it
-        raise UsageError(f"--groups {args.groups}: must be between 1 and the {num_classes} classes of {args.shards}")
+    groups_error = f"--groups {args.groups}: must be between 1 and the {num_classes} classes of {args.shards}"
+    if args.groups < 1:  # wrong whatever the data: checked before the checkpoint is read
+        raise UsageError(groups_error)
+    # The class counts first: a limit derived from them (--groups) would hide the real mismatch.
+    trained_on = classes_in(args.checkpoint)  # memory-mapped, no tensor read
+    if trained_on is not None and trained_on != num_classes:
+        raise DataError(f"class mismatch: --checkpoint {args.checkpoint} was trained on {trained_on} classes but "
+                        f"--shards {args.shards} has {num_classes}; evaluate it on its own dataset")
+    if args.groups > num_classes:  # checked before the (long) scoring, not after it
+        raise UsageError(groups_error)
     world, device = init_distributed(args.timeout)
     try:
         model, cfg = load_model_for_eval(args.checkpoint, device)
-        if model.classifier.weight.shape[0] != num_classes:
-            raise DataError(f"--checkpoint {args.checkpoint} was trained on {model.classifier.weight.shape[0]} "
-                            f"classes but --shards {args.shards} has {num_classes}; evaluate it on its own dataset")
         if args.alpha_eval is not None:
             model.alpha_eval = args.alpha_eval
         cfg.data.shards = args.shards

@@ -17,6 +17,9 @@ Checks, in order (each one JSON line on stdout and in the log; the report holds 
 6. ``ddp``: two DDP training steps over NCCL. NCCL refuses two ranks on one GPU ("Duplicate GPU detected"), so
    on one lent GPU this is world 1: the process group, DDP's bucketed all-reduce and an all-gather still run
    through NCCL. ``--cpu-smoke`` runs world 2 over gloo, where ranks must end with identical weights.
+7. ``criteria``: LL-Cp and EM+APL steps and checkpoints (reloaded equal) with every collective forced through
+   NCCL even in a world of 1, and each collectives helper fed a CPU tensor (:mod:`bgtrain.gpu_check_criteria`).
+   ``--cpu-smoke``: gloo, world 2.
 
 The goals are reported (``goal_met``); the exit status is 1 only when a correctness check fails or errors.
 The whole run must fit in 8 minutes on one GPU (``--budget-s 480``): a check that would start after the
@@ -70,7 +73,7 @@ TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-3, tor
 CASES = [(64, 5000, 14, 14), (256, 80, 14, 14), (4, 37, 14, 14), (3, 70, 20, 20), (2, 33, 7, 7), (5, 1, 3, 3),
          (2, 64, 1, 1)]
 SMOKE_CASES = [(4, 37, 14, 14), (3, 70, 20, 20), (2, 33, 7, 7), (5, 1, 3, 3), (2, 64, 1, 1)]
-CHECKS = ("dali", "extension", "boostlu_bench", "evaluator", "bench_train", "ddp")
+CHECKS = ("dali", "extension", "boostlu_bench", "evaluator", "bench_train", "ddp", "criteria")
 GOALS = {"boostlu_fwd_bwd_us": 120.0, "evaluator_s": 0.25, "train_img_per_s": 1750.0, "input_efficiency": 0.97}
 NEEDS_CUDA = "needs CUDA, and --cpu-smoke runs on the CPU"
 
@@ -328,6 +331,7 @@ def ddp_worker(rank: int, world: int, port: int, out_dir: str, cuda: bool) -> No
     from torch.nn.parallel import DistributedDataParallel
 
     from bgtrain.bench.train import synthetic_batch
+    from bgtrain.collectives import all_gather_fixed, force_collectives
     from bgtrain.config import LossConfig, ModelConfig
     from bgtrain.losses import build_criterion
     from bgtrain.model import build_model
@@ -356,11 +360,10 @@ def ddp_worker(rank: int, world: int, port: int, out_dir: str, cuda: bool) -> No
             opt.zero_grad(set_to_none=True)
             losses.append(float(out.loss))
         weights = sum(float(p.detach().double().sum()) for p in model.parameters())
-        checksum = torch.tensor([weights], dtype=torch.float64, device=device)
-        gathered = [torch.zeros_like(checksum) for _ in range(world)]
-        dist.all_gather(gathered, checksum)
+        with force_collectives():  # world 1 on one GPU: the all-gather still goes through NCCL
+            gathered = all_gather_fixed(torch.tensor([weights], dtype=torch.float64, device=device))
         result = {"rank": rank, "backend": dist.get_backend(), "losses": losses, "weights_moved": weights != before,
-                  "checksums": [g.item() for g in gathered],
+                  "checksums": gathered.flatten().tolist(),
                   "nccl": str(torch.cuda.nccl.version()) if cuda else None}
         Path(out_dir, f"rank{rank}.json").write_text(json.dumps(result))
     finally:
@@ -369,17 +372,8 @@ def ddp_worker(rank: int, world: int, port: int, out_dir: str, cuda: bool) -> No
 
 def check_ddp(smoke: bool, log: Callable[[dict], None]) -> dict:
     """Two DDP steps: NCCL world 1 on the GPU, gloo world 2 with --cpu-smoke; every rank must agree on the weights."""
-    import socket
-
-    import torch.multiprocessing as mp
-
     world = 2 if smoke else 1
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    with tempfile.TemporaryDirectory(prefix="bgtrain-ddp-smoke-") as tmp:
-        mp.spawn(ddp_worker, args=(world, port, tmp, not smoke), nprocs=world, join=True)
-        ranks = [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
+    ranks = _spawn_ranks(ddp_worker, world, not smoke)
     for r in ranks:
         log({"check": "ddp", **r})
     finite = all(all(x == x and abs(x) < float("inf") for x in r["losses"]) for r in ranks)
@@ -391,6 +385,40 @@ def check_ddp(smoke: bool, log: Callable[[dict], None]) -> dict:
         out["skipped"] = "NCCL: " + NEEDS_CUDA + "; gloo world 2 instead"
     else:
         out["note"] = "world 1: NCCL refuses two ranks on one GPU"
+    return out
+
+
+def _spawn_ranks(worker: Callable, world: int, cuda: bool) -> list[dict]:
+    """Run ``worker(rank, world, port, out_dir, cuda)`` on ``world`` processes; the rank{r}.json each one writes."""
+    import socket
+
+    import torch.multiprocessing as mp
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    with tempfile.TemporaryDirectory(prefix="bgtrain-ranks-") as tmp:
+        mp.spawn(worker, args=(world, port, tmp, cuda), nprocs=world, join=True)
+        return [json.loads(Path(tmp, f"rank{r}.json").read_text()) for r in range(world)]
+
+
+# --- 7. LL-Cp and EM+APL under NCCL -----------------------------------------------------------------------------
+
+def check_criteria(smoke: bool, log: Callable[[dict], None]) -> dict:
+    """LL-Cp and EM+APL steps and checkpoints, and the collectives helpers' placement: NCCL world 1, or gloo world 2."""
+    from bgtrain.gpu_check_criteria import criteria_worker
+
+    world = 2 if smoke else 1
+    ranks = _spawn_ranks(criteria_worker, world, not smoke)
+    for r in ranks:
+        log({"check": "criteria", **r})
+    misplaced = sorted({k for r in ranks for k, ok in r["placement"].items() if not ok})
+    failed = sorted({c["scheme"] for r in ranks for c in r["criteria"] if not c["ok"]})
+    out = {"ok": not misplaced and not failed, "world": world, "backend": ranks[0]["backend"],
+           "helpers_checked": len(ranks[0]["placement"]), "helpers_misplaced": misplaced, "criteria_failed": failed,
+           "entries_in_checkpoint": {c["scheme"]: c["entries_in_checkpoint"] for c in ranks[0]["criteria"]}}
+    if smoke:
+        out["skipped"] = "NCCL: " + NEEDS_CUDA + "; gloo world 2 instead"
     return out
 
 
@@ -485,6 +513,7 @@ def run_checks(args: argparse.Namespace, log: Callable[[dict], None]) -> dict:
         "evaluator": lambda: check_evaluator(smoke, log),
         "bench_train": lambda: check_bench_train(smoke, log),
         "ddp": lambda: check_ddp(smoke, log),
+        "criteria": lambda: check_criteria(smoke, log),
     }
     results: dict[str, dict] = {}
     start = time.perf_counter()

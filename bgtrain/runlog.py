@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import json
 import logging
+import os
+import time
 import warnings
 from pathlib import Path
 from typing import Any, Protocol
@@ -52,6 +54,54 @@ class _ToRunLogger(logging.Handler):
             self.run_log.message(text)
 
 
+def process_started() -> float:
+    """When this process started (Unix time), so that start-up counts its imports; now where /proc is missing."""
+    try:
+        ticks = int(Path("/proc/self/stat").read_text().rsplit(")", 1)[1].split()[19])
+        boot = next(float(line.split()[1]) for line in Path("/proc/stat").read_text().splitlines()
+                    if line.startswith("btime "))
+        return boot + ticks / os.sysconf("SC_CLK_TCK")
+    except (OSError, ValueError, IndexError, StopIteration):
+        return time.time()
+
+
+def bytes_read() -> int | None:
+    """Bytes this process has read from files and sockets so far (Linux's rchar); None where unknown."""
+    try:
+        return int(next(line.split()[1] for line in Path("/proc/self/io").read_text().splitlines()
+                        if line.startswith("rchar:")))
+    except (OSError, StopIteration, ValueError, IndexError):
+        return None
+
+
+class EpochTimes:
+    """Where an epoch's wall time went, on this rank: start-up, waiting for data, steps, checkpoints, validation.
+
+    ``other_s`` is what none of them covers (the epoch-end collectives, logging, CAM pictures).
+    ``first_batch_s`` (a part of ``data_s``) is the wait for the pass's first batch: the loader's start.
+    """
+
+    PARTS = ("startup", "data", "steps", "checkpoint", "validation")
+
+    def __init__(self) -> None:
+        self.reset()
+
+    def reset(self) -> None:
+        self.seconds = dict.fromkeys(self.PARTS, 0.0)
+        self.first_batch_s: float | None = None
+        self.started = time.perf_counter()
+
+    def add(self, part: str, seconds: float) -> None:
+        self.seconds[part] += seconds
+
+    def summary(self) -> dict[str, float | None]:
+        """``<part>_s`` for each part, ``epoch_s`` (wall time since the last reset) and ``other_s``."""
+        total = time.perf_counter() - self.started + self.seconds["startup"]
+        out = {f"{part}_s": round(s, 3) for part, s in self.seconds.items()}
+        return {**out, "epoch_s": round(total, 3), "other_s": round(total - sum(self.seconds.values()), 3),
+                "first_batch_s": None if self.first_batch_s is None else round(self.first_batch_s, 3)}
+
+
 class RunLogger:
     """Rank 0's metrics file, console and sinks; on other ranks only warnings show.
 
@@ -61,6 +111,8 @@ class RunLogger:
     def __init__(self, metrics_path: Path | None, enabled: bool = True, rank: int = 0,
                  console: Console | None = None) -> None:
         self.metrics_path, self.enabled, self.rank = metrics_path, enabled, rank
+        self.attempt_started = process_started()
+        self.run_started = self.attempt_started   # a resume sets the first attempt's
         self.console = console or Console(stderr=True)
         self.sinks: list[MetricsSink] = []
         self._progress: Progress | None = None
@@ -78,9 +130,16 @@ class RunLogger:
             self.sinks.append(sink)
 
     def record(self, **record: Any) -> None:
-        """Append one JSON object to metrics.jsonl and pass it to every sink (rank 0)."""
+        """Append one JSON object to metrics.jsonl and pass it to every sink (rank 0).
+
+        Every record carries ``run_s``, seconds since the run's first attempt started, and ``attempt_s``, since
+        this process started (the two differ after a resume).
+        """
         if not self.enabled:
             return
+        now = time.time()
+        record = {**record, "run_s": round(now - self.run_started, 3),
+                  "attempt_s": round(now - self.attempt_started, 3)}
         if self.metrics_path is not None:
             with open(self.metrics_path, "a") as f:
                 f.write(json.dumps(record) + "\n")

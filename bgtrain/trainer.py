@@ -13,9 +13,10 @@ import torch
 import torch.distributed as dist
 
 from bgtrain import checkpoint as ckpt
+from bgtrain.collectives import all_gather_object, all_reduce, barrier, broadcast_object, sum_over_ranks
 from bgtrain.config import TrainConfig, save_config, to_dict
-from bgtrain.data import Batch, build_loader
-from bgtrain.distributed import WorldInfo, broadcast_object, init_distributed, restart_count, sum_over_ranks
+from bgtrain.data import Batch, Loader, build_loader
+from bgtrain.distributed import init_distributed, restart_count
 from bgtrain.engines import DTYPES, build_engine
 from bgtrain.engines.base import Engine
 from bgtrain.evaluate import report, sharded_ap_with_counts
@@ -26,7 +27,7 @@ from bgtrain.ops import active_implementation
 from bgtrain.predict import predict
 from bgtrain.report.cams import EpochCams
 from bgtrain.report.tensorboard import TensorBoardSink
-from bgtrain.runlog import RunLogger
+from bgtrain.runlog import EpochTimes, RunLogger, bytes_read
 from shards.format import read_manifest
 
 
@@ -48,7 +49,7 @@ class StopRequested:
         if not dist.is_initialized():
             return self.flag
         t = torch.tensor([float(self.flag)], device=device)
-        dist.all_reduce(t, op=dist.ReduceOp.MAX)
+        all_reduce(t, "max")
         return bool(t.item())
 
 
@@ -78,29 +79,27 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.use_deterministic_algorithms(True, warn_only=True)
 
 
-def score_split(engine, cfg: TrainConfig, split: str, world: WorldInfo, device: torch.device,
-                label_set: str | None = None, counts: dict | None = None):
-    """(scores, labels, sample ids) of this rank's share of a split, in eval mode (the evaluation alpha).
+def score_split(engine: Engine, loader: Loader, counts: dict | None = None):
+    """(scores, labels, sample ids) of this rank's share of ``loader``'s split, in eval mode (the evaluation alpha).
 
     ``counts``, when given, is filled with the pass's samples, corrupt samples and padding, summed over ranks
     (collective), so a score computed on less data than asked can say so.
     """
-    loader = build_loader(cfg.data, split, world, device, train=False, seed=cfg.seed,
-                          channels_last=cfg.model.channels_last, label_set=label_set)
+    loader.set_epoch(1, 0)  # a whole pass, in order, each time the loader is reused
     engine.train(False)
     try:
         scored = predict(engine.eval_logits, loader, with_ids=True)
     finally:
         engine.train(True)
     if counts is not None:
-        counts.update(sum_over_ranks(loader.counts(), device))
+        counts.update(sum_over_ranks(loader.counts(), loader.device))
     return scored
 
 
-def evaluate_map(engine, cfg: TrainConfig, split: str, world: WorldInfo, device: torch.device) -> tuple[float, dict]:
+def evaluate_map(engine: Engine, cfg: TrainConfig, loader: Loader) -> tuple[float, dict]:
     """mAP (%) of the current model on a split (full labels), with the split's sample counts; all ranks take part."""
     counts: dict = {}
-    scores, labels, _ = score_split(engine, cfg, split, world, device, counts=counts)
+    scores, labels, _ = score_split(engine, loader, counts=counts)
     result = sharded_ap_with_counts(scores, labels)
     value, info = mean_ap(result.ap, cfg.eval.no_positive, result.n_pos, result.n_known - result.n_pos)
     if cfg.eval.groups:
@@ -162,7 +161,8 @@ class Trainer:
         self.engine = build_engine(cfg, build_model(cfg.model, self.loader.num_classes), world, device)
         self.criterion = build_criterion(cfg.loss, self.loader.info.dataset, self.loader.info.num_samples,
                                          self.loader.num_classes, epochs=cfg.optim.epochs,
-                                         lr=cfg.optim.lr * cfg.optim.head_lr_mult, seed=cfg.seed)
+                                         lr=cfg.optim.lr * cfg.optim.head_lr_mult, seed=cfg.seed,
+                                         batch_rows=cfg.data.batch_size)
         if world.is_main and cfg.log.tensorboard:
             self.log.add_sink(TensorBoardSink(self.out_dir))
             if cfg.log.cam_images:
@@ -174,6 +174,8 @@ class Trainer:
         self.epoch, self.batches_done, self.global_step = 1, 0, 0
         self.best = {"val_map": -1.0, "epoch": 0}
         self.last_loss: float | None = None  # rank 0's loss at the last logging step, for the progress bar
+        self.times = EpochTimes()             # where each epoch's wall time goes (an "epoch" record)
+        self.scoring: dict[tuple[str, str | None], Loader] = {}  # kept: their loader processes serve every pass
         self._resume()
 
     def _resume(self) -> None:
@@ -185,38 +187,56 @@ class Trainer:
         path = broadcast_object(str(found) if found else None)
         if not path:
             return
-        state = ckpt.load(path)
+        started, read_before = time.perf_counter(), bytes_read()
+        state = ckpt.load(path)  # the one read of the file on this rank, its CRCs checked on the bytes read
+        self.log.run_started = state.get("run_started", self.log.run_started)
         self.engine.load_state_dict(state["engine"])
         self.criterion.load_state_dict(criterion_state(state))
         ckpt.set_rng_state(state["rng"][self.world.rank % len(state["rng"])])
         self.epoch, self.batches_done = state["loader"]["epoch"], state["loader"]["batches_done"]
         self.global_step, self.best = state["global_step"], state["best"]
+        read_after = bytes_read()
+        self.log.record(kind="resume", path=path, step=self.global_step, load_s=round(time.perf_counter() - started, 4),
+                        file_bytes=Path(path).stat().st_size,
+                        bytes_read=None if read_before is None or read_after is None else read_after - read_before)
         self.log.message(f"resumed from {path}: epoch {self.epoch}, batch {self.batches_done}")
 
     def save(self, is_best: bool = False) -> None:
-        """Checkpoint now (collective: every rank must call it)."""
-        rngs: list[dict | None] = [None] * self.world.world_size
-        if dist.is_initialized():
-            dist.all_gather_object(rngs, ckpt.rng_state())
-        else:
-            rngs = [ckpt.rng_state()]
+        """Checkpoint now (collective: every rank must call it); rank 0 writes it in the background."""
+        started = time.perf_counter()
+        rngs = all_gather_object(ckpt.rng_state())
         state = {"engine": self.engine.state_dict(), "rng": rngs, "criterion": self.criterion.state_dict(),
                  "loader": self.loader.state_dict(), "global_step": self.global_step, "best": self.best,
-                 "config": to_dict(self.cfg)}
+                 "config": to_dict(self.cfg), "run_started": self.log.run_started}
         if self.world.is_main:
-            self.saver.save(state, self.global_step, is_best)
+            previous_write_s = self.saver.last_write_s
+            path = self.saver.save(state, self.global_step, is_best)
+            self.log.record(kind="checkpoint", step=self.global_step, path=str(path),
+                            stall_s=round(time.perf_counter() - started, 4),
+                            host_copy_s=round(self.saver.last_stall_s, 4),
+                            previous_write_s=round(previous_write_s, 4))
+        self.times.add("checkpoint", time.perf_counter() - started)
 
     def fit(self) -> dict:
         """Train, select the best epoch on validation, evaluate it on test; returns the final results."""
         stop = StopRequested()
+        self.times.add("startup", time.time() - self.log.attempt_started)
+        completed = False
         try:
             while self.epoch <= self.cfg.optim.epochs:
                 if not self._train_epoch(stop):
+                    self.saver.wait()  # the stop's checkpoint is on disk before the process exits
                     self.log.message(f"stop requested: checkpoint at step {self.global_step}, exiting")
+                    completed = True
                     return {"stopped_at_step": self.global_step}
                 self._end_epoch()
-            return self._test_best()
+            results = self._test_best()
+            completed = True
+            return results
         finally:
+            # Nothing lost on failure: a write in flight still completes; its own error is raised only when the
+            # run has none of its own to report.
+            self.saver.wait(raise_error=completed)
             self.log.close()
 
     def _train_epoch(self, stop: StopRequested) -> bool:
@@ -230,6 +250,7 @@ class Trainer:
         tick = time.perf_counter()
         for batch in loader:
             data_s = time.perf_counter() - tick
+            self.saver.check()  # a background checkpoint write that failed stops the run here, naming its path
             out = train_step(self.engine, criterion, batch, epoch)
             self.global_step += 1
             # No host sync on other steps (the device keeps its queue): the loss is read only here, on rank 0.
@@ -244,6 +265,10 @@ class Trainer:
                                 step_s=round(step_s, 4),
                                 img_s=round(batch.image.shape[0] * self.world.world_size / step_s, 1),
                                 **({} if out is not None else {"empty_step": True}))
+            if self.times.first_batch_s is None:
+                self.times.first_batch_s = data_s
+            self.times.add("data", data_s)
+            self.times.add("steps", step_s - data_s)
             loss_text = "-" if self.last_loss is None else f"{self.last_loss:.4f}"
             self.log.advance(task, f"loss {loss_text}  data {data_s:.3f}s / step {step_s:.3f}s")
             if cfg.checkpoint.every_steps and self.global_step % cfg.checkpoint.every_steps == 0:
@@ -269,10 +294,11 @@ class Trainer:
     def _end_epoch(self) -> None:
         """Criterion's epoch hook, validation, best-epoch bookkeeping and the end-of-epoch checkpoint."""
         cfg, epoch = self.cfg, self.epoch
-        self.criterion.end_epoch(epoch, lambda: score_split(self.engine, cfg, "train", self.world, self.device,
-                                                            cfg.data.labels))
-        val_map, info = (evaluate_map(self.engine, cfg, "val", self.world, self.device)
+        started = time.perf_counter()
+        self.criterion.end_epoch(epoch, lambda: score_split(self.engine, self.scoring_loader("train", cfg.data.labels)))
+        val_map, info = (evaluate_map(self.engine, cfg, self.scoring_loader("val"))
                          if cfg.eval.select_on == "val" else (0.0, {}))
+        self.times.add("validation", time.perf_counter() - started)
         is_best = cfg.eval.select_on == "none" or val_map > self.best["val_map"]
         if is_best:
             self.best = {"val_map": val_map, "epoch": epoch}
@@ -288,16 +314,29 @@ class Trainer:
         self.epoch, self.batches_done = epoch + 1, 0
         self.loader.set_epoch(self.epoch, 0)
         self.save(is_best)
+        self.log.record(kind="epoch", epoch=epoch, step=self.global_step, **self.times.summary())
+        self.times.reset()
+
+    def scoring_loader(self, split: str, label_set: str | None = None) -> Loader:
+        """The in-order loader of a split for scoring, built once per run and reused by every pass."""
+        key = (split, label_set)
+        if key not in self.scoring:
+            self.scoring[key] = build_loader(self.cfg.data, split, self.world, self.device, train=False,
+                                             seed=self.cfg.seed, channels_last=self.cfg.model.channels_last,
+                                             label_set=label_set)
+        return self.scoring[key]
 
     def _test_best(self) -> dict:
         cfg, best = self.cfg, self.best
-        best_path = broadcast_object(str(self.saver.folder / "best.pt") if self.world.is_main else None)
-        if best_path is None:
-            raise RuntimeError("rank 0 broadcast no path of the best checkpoint")
-        if dist.is_initialized():
-            dist.barrier()
-        self.engine.load_state_dict(ckpt.load(best_path)["engine"])
-        test_map, info = evaluate_map(self.engine, cfg, "test", self.world, self.device)
+        if self.world.is_main:
+            self.saver.wait()  # best.pt is linked by the background write
+        if best["epoch"] != self.epoch - 1:  # the ranks hold the last epoch's weights: load only another epoch's
+            best_path = broadcast_object(str(self.saver.folder / "best.pt") if self.world.is_main else None)
+            if best_path is None:
+                raise RuntimeError("rank 0 broadcast no path of the best checkpoint")
+            barrier()
+            self.engine.load_state_dict(ckpt.load(best_path)["engine"])
+        test_map, info = evaluate_map(self.engine, cfg, self.scoring_loader("test"))
         results = {"name": cfg.name, "scheme": cfg.loss.scheme, "alpha_train": cfg.model.alpha_train,
                    "alpha_eval": cfg.model.alpha_eval, "best_epoch": best["epoch"], "val_map": best["val_map"],
                    "test_map": test_map, **info}

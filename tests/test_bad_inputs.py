@@ -235,7 +235,8 @@ def test_fresh_run_refuses_an_out_dir_with_another_run(trained, tiny_shards, tmp
     replaced = list(run.glob("replaced-*"))
     assert len(replaced) == 1 and (replaced[0] / "metrics.jsonl").read_text() == old_lines
     kinds = [json.loads(line)["kind"] for line in (run / "metrics.jsonl").read_text().splitlines()]
-    assert kinds == ["train", "data", "val", "test"]  # only the new run's lines (one epoch)
+    # only the new run's lines (one epoch; a checkpoint after its one step and at its end)
+    assert kinds == ["train", "checkpoint", "data", "val", "checkpoint", "epoch", "test"]
     assert sorted(p.name for p in (run / "checkpoints").glob("step-*.pt")) == ["step-000000001.pt"]
 
 
@@ -258,6 +259,7 @@ def test_pruning_keeps_this_runs_history_not_the_highest_steps(tmp_path):
     torch.save({"other": 1}, foreign)  # another run's higher step, in the folder before this run's history
     for step in (1, 2, 3):
         saver.save({"step": step}, step)
+    saver.wait()
     assert foreign.exists()
     assert sorted(p.name for p in saver.steps()) == ["step-000000002.pt", "step-000000003.pt", "step-000000900.pt"]
     assert ckpt.CheckpointSaver(tmp_path).latest() == tmp_path / "step-000000003.pt"
@@ -268,8 +270,10 @@ def test_a_failed_save_leaves_no_temporary_file(tmp_path, monkeypatch):
         f.write(b"x" * 1000)
         raise OSError(errno.ENOSPC, "No space left on device")
     monkeypatch.setattr(torch, "save", disk_full)
-    with pytest.raises(OSError, match="No space"):
-        ckpt.CheckpointSaver(tmp_path).save({"a": 1}, 5)
+    saver = ckpt.CheckpointSaver(tmp_path)
+    saver.save({"a": 1}, 5)
+    with pytest.raises(DataError, match=f"^checkpoint {tmp_path / 'step-000000005.pt'} was not written: No space"):
+        saver.wait()
     assert sorted(p.name for p in tmp_path.iterdir()) == []
 
 
@@ -351,6 +355,25 @@ def test_evaluate_on_shards_with_another_class_count_names_both(trained, tmp_pat
     code, text = call(main, ["--checkpoint", str(best), "--shards", str(other), "--groups", "1"], capsys)
     line = one_error_line(text)
     assert code == 1 and "5 classes" in line and f"{other} has 3" in line
+
+
+def test_evaluate_names_a_class_mismatch_before_any_other_check(tmp_path):
+    """A 6-class checkpoint on 4-class shards: one line naming the mismatch, both counts and which is which, before
+    the --groups check (5 groups, more than the shards' 4 classes), which would hide it."""
+    from bgtrain.config import to_dict
+    from bgtrain.model import build_model
+    from shards.synthetic import build
+    cfg = load_config(SMOKE, ["model.pretrained=null"])
+    six, four = tmp_path / "six.pt", tmp_path / "four"
+    ckpt.atomic_save({"engine": {"model": build_model(cfg.model, 6).state_dict()}, "config": to_dict(cfg)}, six)
+    build(four, num_classes=4, n_train=8, n_val=2, n_test=4, size=32, seed=0, shard_size=8)
+    proc = subprocess.run([sys.executable, "-m", "bgtrain.evaluate", "--checkpoint", str(six), "--shards", str(four),
+                           "--groups", "5"], cwd=REPO, capture_output=True, text=True, timeout=300,
+                          env={**os.environ, "BGTRAIN_DEBUG": "0"})
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr, proc.stderr
+    assert [line for line in proc.stderr.splitlines() if line.strip()] == [
+        f"bgtrain.evaluate: error: class mismatch: --checkpoint {six} was trained on 6 classes but --shards {four} "
+        "has 4; evaluate it on its own dataset (BGTRAIN_DEBUG=1 shows the traceback)"]
 
 
 def test_explain_on_a_non_image_is_one_line(trained, tmp_path, capsys):

@@ -43,7 +43,7 @@ def test_every_key_has_help_and_every_number_a_range(key) -> None:
 def test_readme_table_is_generated_from_the_dataclasses() -> None:
     readme = (REPO / "README.md").read_text()
     assert readme == replace_table(readme, markdown_table()), \
-        "README config table differs from bgtrain/config.py: run python -m bgtrain.config --write-readme README.md"
+        "README config table differs from bgtrain/config.py: run python -m bgtrain.config_docs --write-readme README.md"
     for key in KEYS:
         assert f"| `{key.name}` |" in readme
 
@@ -117,8 +117,8 @@ def test_range_membership() -> None:
 
 
 def _cli(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bgtrain.config", *args], cwd=REPO, capture_output=True, text=True,
-                          timeout=120)
+    return subprocess.run([sys.executable, "-m", "bgtrain.config_docs", *args], cwd=REPO, capture_output=True,
+                          text=True, timeout=120)
 
 
 def test_cli_prints_the_resolved_config_and_the_table() -> None:

@@ -13,28 +13,29 @@ def module_name(path: Path) -> str:
     return ".".join(parts[:-1] if parts[-1] == "__init__" else parts)
 
 
-def runtime_nodes(tree: ast.AST) -> list[ast.AST]:
-    """Every node that can run on import: all except the bodies of ``if TYPE_CHECKING:`` (annotations only) and of
-    ``if __name__ == "__main__":`` (it runs only in ``python -m``'s separate ``__main__`` module, never on import)."""
+def runtime_nodes(tree: ast.AST, main: bool = False) -> list[ast.AST]:
+    """Every node that can run on import: all except the bodies of ``if TYPE_CHECKING:`` (annotations only) and,
+    unless ``main``, of ``if __name__ == "__main__":`` (it runs only under ``python -m``, never on import)."""
+    skipped = ("TYPE_CHECKING", "typing.TYPE_CHECKING") + (() if main else ("__name__ == '__main__'",))
     out, todo = [], [tree]
     while todo:
         node = todo.pop()
         out.append(node)
-        if isinstance(node, ast.If) and ast.unparse(node.test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING",
-                                                                   "__name__ == '__main__'"):
+        if isinstance(node, ast.If) and ast.unparse(node.test) in skipped:
             todo.extend(node.orelse)
             continue
         todo.extend(ast.iter_child_nodes(node))
     return out
 
 
-def import_graph() -> dict[str, set[str]]:
-    """module -> the bgtrain modules it imports anywhere in its body (an edge per exact module named)."""
+def import_graph(main: bool = False) -> dict[str, set[str]]:
+    """module -> the bgtrain modules it imports anywhere in its body (an edge per exact module named); with
+    ``main``, in its ``if __name__ == "__main__":`` block too."""
     modules = {module_name(p): p for p in PACKAGE.rglob("*.py")}
     graph: dict[str, set[str]] = {m: set() for m in modules}
     for name, path in modules.items():
         package = name if path.name == "__init__.py" else name.rpartition(".")[0]
-        for node in runtime_nodes(ast.parse(path.read_text(), str(path))):
+        for node in runtime_nodes(ast.parse(path.read_text(), str(path)), main):
             targets: list[str] = []
             if isinstance(node, ast.Import):
                 targets = [a.name for a in node.names]
@@ -82,3 +83,11 @@ def test_the_graph_sees_lazy_imports_and_package_submodules():
 def test_no_import_cycle_in_bgtrain():
     cycle = find_cycle(import_graph())
     assert cycle is None, "import cycle: " + " -> ".join(cycle)
+
+
+def test_no_main_block_imports_a_module_that_imports_it_back():
+    """``python -m X`` runs X as ``__main__``; if that block imports a module importing X, X is loaded a second
+    time as itself (two copies of its classes). ``bgtrain.config`` once handed its command line to
+    ``bgtrain.config_docs`` that way."""
+    cycle = find_cycle(import_graph(main=True))
+    assert cycle is None, "import cycle through a __main__ block: " + " -> ".join(cycle)

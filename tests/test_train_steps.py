@@ -52,11 +52,14 @@ def _spy_worker(rank: int, world: int, port: int, shards: str, out_dir: str, sch
 
     def spied(kind: str, original, anywhere: bool):
         def call(*args, **kwargs):
-            where = sys._getframe(1).f_code.co_filename
+            caller = sys._getframe(1)
+            # bgtrain.collectives.all_reduce only hands the call on to torch.distributed: name its caller
+            if caller.f_code.co_filename.endswith("bgtrain/collectives.py") and caller.f_code.co_name == "all_reduce":
+                caller = caller.f_back
+            where = caller.f_code.co_filename
             # bgtrain's own reads count; the loader's reads of host-side tensors (before they move to the
             # device) do not. Every Python all_reduce counts, wherever it comes from.
             if anywhere or ("/bgtrain/" in where and "/bgtrain/data/" not in where):
-                caller = sys._getframe(1)
                 events.append((step[0], kind, f"{where}:{caller.f_lineno}", caller.f_code.co_name))
             return original(*args, **kwargs)
         return call

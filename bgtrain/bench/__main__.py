@@ -16,6 +16,7 @@ SUBCOMMANDS = {
     "loader": "bgtrain.bench.loader",
     "train": "bgtrain.bench.train",
     "llcp": "bgtrain.bench.llcp",
+    "scale": "bgtrain.bench.scale",
 }
 
 

@@ -194,7 +194,8 @@ def build_step_parts(cfg: TrainConfig, num_classes: int, dataset: str, num_sampl
         cfg = replace(cfg, engine=replace(cfg.engine, compile=False))
     engine = build_engine(cfg, model, WorldInfo(), device)
     criterion = build_criterion(cfg.loss, dataset, num_samples, num_classes, epochs=cfg.optim.epochs,
-                                lr=cfg.optim.lr * cfg.optim.head_lr_mult, seed=cfg.seed)
+                                lr=cfg.optim.lr * cfg.optim.head_lr_mult, seed=cfg.seed,
+                                batch_rows=cfg.data.batch_size)
     if compile_loss and cfg.engine.compile:
         criterion = CompiledLoss(criterion, compile_mode)
     return engine, criterion

@@ -22,7 +22,7 @@ from bgtrain.config import DataConfig
 from bgtrain.data.backend import Backend, RawBatch
 from bgtrain.data.common import flip_mask, normalise, split_info
 from bgtrain.data.dali import DaliBackend
-from bgtrain.data.plan import EpochPlan, SampleReaders, plan_epoch, sample_readers
+from bgtrain.data.plan import EpochPlan, PlanSpec, SampleReaders, sample_readers
 from bgtrain.data.wds import WebDatasetBackend
 from bgtrain.distributed import WorldInfo
 from bgtrain.labels import rows_from_padded
@@ -58,6 +58,9 @@ class Loader:
         if cfg.decode == "gpu" and device.type != "cuda":
             raise ValueError("data.decode=gpu needs a CUDA device; use data.decode=cpu on this machine")
         self.backend = BACKENDS[cfg.backend](self)
+        self.spec = PlanSpec(self.info, seed, world.world_size, self.backend.slots_per_rank(), self.batch_size,
+                             shuffle=train, epoch_samples=cfg.epoch_samples if cfg.resampled and train else None,
+                             pad_at_end=self.backend.pad_at_end())
         self.epoch, self.batches_done = 1, 0
         self._plan: tuple[int, EpochPlan] | None = None
         self._counts: Counter[str] = Counter()
@@ -77,10 +80,7 @@ class Loader:
         if self.cfg.resampled and self.train and not self.cfg.epoch_samples:
             raise ValueError("data.epoch_samples: is required when data.resampled is true")
         if self._plan is None or self._plan[0] != self.epoch:
-            nominal = self.cfg.epoch_samples if self.cfg.resampled and self.train else None
-            self._plan = (self.epoch, plan_epoch(
-                self.info, self.seed, self.epoch, self.world.world_size, self.backend.slots_per_rank(),
-                self.batch_size, shuffle=self.train, epoch_samples=nominal, pad_at_end=self.backend.pad_at_end()))
+            self._plan = (self.epoch, self.spec.plan(self.epoch))
         return self._plan[1]
 
     def sample_readers(self) -> SampleReaders:

@@ -48,7 +48,7 @@ def main(argv: list[str] | None = None) -> int:
     """Print the plan's figures; 1 with one line on a bad shard folder."""
     args = parse_args(argv)
     try:
-        info = split_info(args.shards, args.split, "observed", need_files=False)
+        info = split_info(args.shards, args.split, "observed")
     except (OSError, ValueError) as e:
         print(f"error: {e}", file=sys.stderr)
         return 1

@@ -70,10 +70,12 @@ class SplitInfo:
             self.open_index(shard)
 
 
-def split_info(root: str | Path, split: str, label_set: str, need_files: bool = True) -> SplitInfo:
-    """Read a split's shard list from the manifest, with clear errors for a missing split or tar.
+def split_info(root: str | Path, split: str, label_set: str) -> SplitInfo:
+    """Read a split's shard list from the manifest, with a clear error for a missing split.
 
-    ``need_files=False`` plans from the manifest alone (the tars may not be staged yet).
+    Nothing here touches a tar: a rank stats and indexes only the shards its plan gives it, when it first
+    reads them (:meth:`SplitInfo.open_index`, which names a missing or truncated tar), so that the cost of
+    starting does not grow with the split's shard count, and a plan can be made before the tars are staged.
     """
     root = Path(root)
     manifest = read_manifest(root)
@@ -81,9 +83,6 @@ def split_info(root: str | Path, split: str, label_set: str, need_files: bool = 
         raise ValueError(f"{root / 'manifest.json'}: no split {split!r}; has {sorted(manifest['splits'])}")
     entry = manifest["splits"][split]
     paths = tuple(path_inside(root / split, s["name"], root / "manifest.json") for s in entry["shards"])
-    for p in paths if need_files else ():
-        if not p.is_file():
-            raise FileNotFoundError(f"{p}: listed in {root / 'manifest.json'} but missing")
     rest = entry.get("rest", {}).get(label_set) if isinstance(entry.get("rest"), dict) else None
     if not isinstance(rest, int):
         raise ShardError(f"{root / 'manifest.json'}: splits.{split}.rest.{label_set} must be -1 or 0")

@@ -97,6 +97,25 @@ class EpochPlan:
         return sum(self.rows[rank][:steps])
 
 
+@dataclass(frozen=True)
+class PlanSpec:
+    """Everything but the epoch that decides a split's plans: the loader and its (persistent) worker processes
+    hold the same spec, so a new epoch is one number handed to the workers, not new processes."""
+
+    info: SplitInfo
+    seed: int
+    world: int
+    workers: int
+    batch_size: int
+    shuffle: bool
+    epoch_samples: int | None = None
+    pad_at_end: bool = False
+
+    def plan(self, epoch: int) -> EpochPlan:
+        return plan_epoch(self.info, self.seed, epoch, self.world, self.workers, self.batch_size, self.shuffle,
+                          self.epoch_samples, self.pad_at_end)
+
+
 def plan_epoch(info: SplitInfo, seed: int, epoch: int, world: int, workers: int, batch_size: int,
                shuffle: bool, epoch_samples: int | None = None, pad_at_end: bool = False) -> EpochPlan:
     """The same plan on every rank: a function of (seed, epoch) and the shard sizes only.

@@ -23,7 +23,8 @@ import multiprocessing.context
 import os
 import select
 import threading
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
@@ -31,7 +32,7 @@ from PIL import Image
 
 from bgtrain.data.backend import RawBatch
 from bgtrain.data.common import SplitInfo, flip_decision, usable_labels
-from bgtrain.data.plan import EpochPlan, Piece, skipped_batches
+from bgtrain.data.plan import EpochPlan, Piece, PlanSpec, skipped_batches
 from shards.format import decode_label_rows, pad_label_members
 
 if TYPE_CHECKING:
@@ -100,15 +101,29 @@ def read_samples(info: SplitInfo, pieces: tuple[Piece, ...], positions: list[int
 
 
 class SlotStream(torch.utils.data.IterableDataset):
-    """Yields one rank's raw batches; each DataLoader worker reads the slots the plan gives it."""
+    """Yields one rank's raw batches; each DataLoader worker reads the slots the plan gives it.
 
-    def __init__(self, info: SplitInfo, plan: EpochPlan, rank: int, seed: int, epoch: int, image_size: int,
-                 flip: bool, shuffle_buffer: int, batches_done: int = 0, decode: bool = True) -> None:
-        self.info, self.plan, self.rank, self.seed, self.epoch = info, plan, rank, seed, epoch
+    The pass to read, (epoch, batches done), is read from ``position`` at the start of each pass: shared
+    memory that the loader sets before it asks its persistent workers for the next pass, so a new epoch or
+    a resume re-plans inside the same processes.
+    """
+
+    def __init__(self, spec: PlanSpec, rank: int, image_size: int, flip: bool, shuffle_buffer: int,
+                 position: Sequence[int], decode: bool = True) -> None:
+        self.spec, self.info, self.rank, self.seed = spec, spec.info, rank, spec.seed
         self.image_size, self.flip, self.shuffle_buffer = image_size, flip, shuffle_buffer
-        self.batches_done, self.decode = batches_done, decode
+        self.position, self.decode = position, decode
+        self.epoch, self.batches_done = 1, 0
+        self._plan: tuple[int, EpochPlan] | None = None
+
+    @property
+    def plan(self) -> EpochPlan:
+        if self._plan is None or self._plan[0] != self.epoch:
+            self._plan = (self.epoch, self.spec.plan(self.epoch))
+        return self._plan[1]
 
     def __iter__(self) -> Iterator[RawBatch]:
+        self.epoch, self.batches_done = int(self.position[0]), int(self.position[1])
         winfo = torch.utils.data.get_worker_info()
         # The DataLoader always asks worker 0 first; after a resume at batch b the next batch belongs to
         # slot b % workers, so loader processes are rotated onto slots to keep the uninterrupted order.
@@ -218,6 +233,8 @@ class WebDatasetBackend:
 
     def __init__(self, loader: "Loader") -> None:
         self.loader = loader
+        self._batches: torch.utils.data.DataLoader | None = None   # built at the first pass, then kept
+        self._position: Any = [1, 0]   # (epoch, batches done): a shared-memory array once workers exist
 
     def slots_per_rank(self) -> int:
         return max(1, self.loader.cfg.workers)
@@ -226,17 +243,26 @@ class WebDatasetBackend:
         return False
 
     def raw_batches(self, plan: EpochPlan, batches_done: int) -> Iterator[RawBatch]:
-        """This rank's raw batches, from ``data.workers`` DataLoader processes (or this one with 0)."""
+        """This rank's raw batches, from ``data.workers`` DataLoader processes (or this one with 0).
+
+        The processes start at the first pass and serve every later one (``persistent_workers``): a pass
+        hands them (epoch, batches done) through shared memory, and they re-plan from the loader's spec.
+        """
         ld, rank = self.loader, self.loader.world.rank
         # Every tar of this rank is checked here, where a problem is one clear error, before workers read it.
         ld.info.check_shards({p.shard for w in range(plan.workers) for p in plan.units(rank, w)})
-        stream = SlotStream(ld.info, plan, rank, ld.seed, ld.epoch, ld.cfg.image_size,
-                            ld.cfg.flip and ld.train, ld.cfg.shuffle_buffer if ld.train else 1, batches_done,
-                            decode=ld.cfg.decode == "cpu")
-        return iter(torch.utils.data.DataLoader(stream, batch_size=None, num_workers=ld.cfg.workers,
-                                                pin_memory=ld.device.type == "cuda",
-                                                multiprocessing_context=_worker_context(ld.cfg.workers),
-                                                worker_init_fn=functools.partial(_end_with_rank, os.getpid())))
+        if self._batches is None:
+            context = _worker_context(ld.cfg.workers)
+            self._position = context.Array("q", 2, lock=False) if context is not None else [1, 0]
+            stream = SlotStream(ld.spec, rank, ld.cfg.image_size, ld.cfg.flip and ld.train,
+                                ld.cfg.shuffle_buffer if ld.train else 1, self._position,
+                                decode=ld.cfg.decode == "cpu")
+            self._batches = torch.utils.data.DataLoader(
+                stream, batch_size=None, num_workers=ld.cfg.workers, pin_memory=ld.device.type == "cuda",
+                multiprocessing_context=context, persistent_workers=ld.cfg.workers > 0,
+                worker_init_fn=functools.partial(_end_with_rank, os.getpid()))
+        self._position[0], self._position[1] = ld.epoch, batches_done
+        return iter(self._batches)
 
     def images(self, raw: RawBatch) -> tuple[torch.Tensor, torch.Tensor]:
         if isinstance(raw.image, torch.Tensor):

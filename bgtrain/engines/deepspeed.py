@@ -20,6 +20,7 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
+from bgtrain.collectives import all_gather_object, broadcast_tensor
 from bgtrain.config import TrainConfig
 from bgtrain.distributed import WorldInfo
 from bgtrain.engines.base import DTYPES, apply_tf32, build_optimizer
@@ -65,9 +66,8 @@ class DeepSpeedEngine:
         self.dtype = DTYPES[cfg.engine.precision]
 
     def _sync_buffers(self) -> None:
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            for buf in self.module.buffers():
-                dist.broadcast(buf, src=0)
+        for buf in self.module.buffers():
+            broadcast_tensor(buf, src=0)
 
     def step(self, images: torch.Tensor, loss_fn: Callable[[torch.Tensor], LossOutput]) -> LossOutput:
         self._sync_buffers()
@@ -90,11 +90,7 @@ class DeepSpeedEngine:
 
     def state_dict(self) -> dict:
         """Model, and every rank's optimizer state (a collective: all ranks must call it)."""
-        shards: list[dict | None] = [None] * self.world.world_size
-        if dist.is_initialized() and dist.get_world_size() > 1:
-            dist.all_gather_object(shards, self._optimizer_state())
-        else:
-            shards = [self._optimizer_state()]
+        shards = all_gather_object(self._optimizer_state())
         return {"model": self.module.state_dict(), "optimizer_shards": shards,
                 "global_steps": self.model.global_steps, "micro_steps": self.model.micro_steps}
 

@@ -17,8 +17,8 @@ from collections.abc import Callable
 
 import torch
 
+from bgtrain.collectives import rank_and_world
 from bgtrain.data.plan import SampleReaders
-from bgtrain.distributed import rank_and_world
 from bgtrain.labels import CorrectionStore
 from bgtrain.losses.functional import LossOutput
 from bgtrain.losses.large_loss import large_loss_output

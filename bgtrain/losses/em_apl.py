@@ -9,7 +9,9 @@ Reference: github Correr-Zhou/SPML-AckTheUnknown, losses.py ``loss_EM_APL`` and 
     by bisection, with one all-reduce of C counts per step. Ties are broken by sample id; the
     reference's ``np.argsort`` breaks them in an unspecified order.
   * The targets live in a :class:`SoftNegativeStore` sharded by sample id, like
-    :class:`bgtrain.labels.CorrectionStore`, and are looked up per batch on the device.
+    :class:`bgtrain.labels.CorrectionStore`, and are looked up per batch on the device: the batch's ids,
+    padded to the loader's batch size, are all-gathered, and each owner answers every row through one
+    fixed-size all-to-all (no size round, no host read).
 
 The losses use exact log-sigmoid terms. The references use ``-log(p + 1e-5)``, which differs from them
 only for saturated scores.
@@ -17,9 +19,15 @@ only for saturated scores.
 from __future__ import annotations
 
 import torch
-import torch.distributed as dist
 
-from bgtrain.distributed import all_gather_rows, rank_and_world
+from bgtrain.collectives import (
+    all_gather_padded,
+    all_reduce,
+    all_to_all_fixed,
+    all_to_all_rows,
+    max_over_ranks,
+    rank_and_world,
+)
 from bgtrain.losses.criterion import Criterion, ScoreTrain
 from bgtrain.losses.defaults import APL_NEG_PROPORTION, PAPER_EPOCHS
 from bgtrain.losses.functional import LossOutput, bce, entropy_from_logits, mean_over_entries, upcast, valid_rows
@@ -52,12 +60,6 @@ def apl_counts(unknown_per_class: torch.Tensor, epochs: int, warmup: int) -> tor
                         dtype=torch.long)
 
 
-def _all_reduce(t: torch.Tensor) -> torch.Tensor:
-    if dist.is_initialized():
-        dist.all_reduce(t)
-    return t
-
-
 def kth_smallest_keys(sorted_keys: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
     """Per row c, the smallest key v with #(keys <= v) >= k[c], counted over every rank (collective).
 
@@ -68,7 +70,7 @@ def kth_smallest_keys(sorted_keys: torch.Tensor, k: torch.Tensor) -> torch.Tenso
     hi = torch.full_like(k, 2 ** KEY_BITS)
     for _ in range(KEY_BITS + 1):
         mid = lo + (hi - lo) // 2
-        count = _all_reduce(torch.searchsorted(sorted_keys, mid[:, None].contiguous(), right=True)[:, 0])
+        count = all_reduce(torch.searchsorted(sorted_keys, mid[:, None].contiguous(), right=True)[:, 0])
         enough = count >= k
         hi, lo = torch.where(enough, mid, hi), torch.where(enough, lo, mid)
     return hi
@@ -78,7 +80,8 @@ class SoftNegativeStore:
     """EM+APL's soft-negative targets, sharded by sample id: rank r owns the ids with ``id % world == r``.
 
     A pass and a lookup are collectives. Checkpoints hold the whole (N, C) table, so a resume may
-    change the world size.
+    change the world size. The table starts on the CPU and moves to the training device at the first pass or
+    lookup; the collectives helpers put it where the backend needs it either way.
     """
 
     def __init__(self, num_samples: int, num_classes: int, rank: int = 0, world: int = 1) -> None:
@@ -93,34 +96,31 @@ class SoftNegativeStore:
         if self.table.device != device:
             self.table = self.table.to(device)
 
-    def lookup(self, sample_ids: torch.Tensor) -> torch.Tensor:
-        """(B, C) targets of these samples, NO_TARGET where none (collective; -1 ids get none)."""
-        device = sample_ids.device
+    def lookup(self, sample_ids: torch.Tensor, batch_rows: int = 0) -> torch.Tensor:
+        """(B, C) targets of these samples, NO_TARGET where none (collective; -1 ids get none).
+
+        ``batch_rows``: the most ids any rank passes (the loader's batch size), the same on every rank; with it the
+        lookup has no size round and no host read. 0 agrees on the largest batch first (a size round).
+        """
+        device, n = sample_ids.device, sample_ids.numel()
         self._to(device)
-        wanted = all_gather_rows(sample_ids.long())
-        mine = torch.unique(wanted[(wanted >= 0) & (wanted % self.world == self.rank)])
-        found_ids = all_gather_rows(mine)
-        found = all_gather_rows(self.table[mine // self.world])
-        out = torch.full((sample_ids.numel(), self.num_classes), NO_TARGET, device=device)
-        if found_ids.numel() == 0:
-            return out
-        order = torch.argsort(found_ids)
-        found_ids, found = found_ids[order], found[order]
-        pos = torch.searchsorted(found_ids, sample_ids.long()).clamp(max=found_ids.numel() - 1)
-        hit = found_ids[pos] == sample_ids
-        out[hit] = found[pos[hit]]
-        return out
+        bound = batch_rows or max_over_ranks(n)
+        if bound == 0:  # no rank has a row
+            return torch.full((0, self.num_classes), NO_TARGET, device=device)
+        wanted = all_gather_padded(sample_ids.long().reshape(-1), bound, -1)  # (world * bound,)
+        # Each rank answers every wanted row: the owner its target, the others NO_TARGET, below any target.
+        mine = (wanted >= 0) & (wanted % self.world == self.rank)
+        answer = torch.full((wanted.numel(), self.num_classes), NO_TARGET, device=device)
+        if self.table.shape[0]:  # a rank may own no sample at all
+            local = torch.where(mine, wanted // self.world, 0)
+            answer = torch.where(mine[:, None], self.table[local], answer)
+        back = all_to_all_fixed(answer.view(-1, bound, self.num_classes))  # (world, bound, C): each owner's answers
+        return back.amax(dim=0)[:n]
 
     def _route_to_owners(self, *tensors: torch.Tensor) -> list[torch.Tensor]:
-        """Rows of (ids, ...) moved to the rank that owns each id (collective)."""
-        ids = tensors[0]
-        kept: list[torch.Tensor] = []
-        for owner in range(self.world):
-            sel = ids % self.world == owner
-            parts = [all_gather_rows(t[sel]) for t in tensors]
-            if owner == self.rank:
-                kept = parts
-        return kept
+        """Rows of (ids, ...) moved to the rank that owns each id, in source-rank order (collective)."""
+        owner = tensors[0] % self.world
+        return [all_to_all_rows(t, owner) for t in tensors]
 
     def pseudo_label(self, scores: torch.Tensor, observed: torch.Tensor, sample_ids: torch.Tensor,
                      epochs: int, warmup: int) -> int:
@@ -130,7 +130,7 @@ class SoftNegativeStore:
         self._to(scores.device)
         ids, scores, observed = self._route_to_owners(sample_ids.long(), scores.float().clamp(0, 1), observed)
         unknown = observed == -1
-        k = apl_counts(_all_reduce(unknown.sum(0).long()), epochs, warmup).to(scores.device)
+        k = apl_counts(all_reduce(unknown.sum(0).long()), epochs, warmup).to(scores.device)
         local = ids // self.world
         candidate = unknown & (self.table[local] < 0)
         # Probabilities are >= 0, so their float32 bit patterns sort like the values.
@@ -141,14 +141,15 @@ class SoftNegativeStore:
         rows, cols = chosen.nonzero(as_tuple=True)
         self.table[local[rows], cols] = scores[rows, cols]
         self.active = True
-        return int(_all_reduce(torch.tensor([rows.numel()], device=scores.device))[0])
+        return int(all_reduce(torch.tensor([rows.numel()], device=scores.device))[0])
 
     def state_dict(self) -> dict:
-        """The whole (N, C) table on every rank, CPU (collective)."""
-        ids = torch.arange(self.rank, self.num_samples, self.world, device=self.table.device)
-        all_ids, rows = all_gather_rows(ids), all_gather_rows(self.table)
+        """The whole (N, C) table on every rank, CPU (collective; rank r's rows are ids r, r + world, ...)."""
+        bound = -(-self.num_samples // self.world)  # the most ids one rank owns
+        rows = all_gather_padded(self.table, bound, NO_TARGET).view(-1, bound, self.num_classes).cpu()
         full = torch.full((self.num_samples, self.num_classes), NO_TARGET)
-        full[all_ids.cpu()] = rows.cpu()
+        for r in range(self.world):
+            full[r::self.world] = rows[r, : len(range(r, self.num_samples, self.world))]
         return {"soft": full, "active": self.active}
 
     def load_state_dict(self, state: dict) -> None:
@@ -163,8 +164,9 @@ class EmAplCriterion(Criterion):
     """EM+APL: EM with soft negatives that grow after every epoch past the warm-up."""
 
     def __init__(self, num_samples: int, num_classes: int, alpha: float, beta: float, warmup: int,
-                 epochs: int = PAPER_EPOCHS) -> None:
+                 epochs: int = PAPER_EPOCHS, batch_rows: int = 0) -> None:
         self.alpha, self.beta, self.warmup, self.epochs = alpha, beta, warmup, epochs
+        self.batch_rows = batch_rows  # per-rank batch size: the lookup's fixed exchange size (0: agreed per step)
         self.store = SoftNegativeStore(num_samples, num_classes, *rank_and_world())
         self.last_pass = 0
 
@@ -175,7 +177,7 @@ class EmAplCriterion(Criterion):
             if sample_ids is None:
                 raise ValueError("loss.scheme=EM-APL needs the batch's sample ids")
             rows = valid_rows(valid, labels.shape[0], logits.device)
-            soft = self.store.lookup(torch.where(rows, sample_ids.to(logits.device).long(), -1))
+            soft = self.store.lookup(torch.where(rows, sample_ids.to(logits.device).long(), -1), self.batch_rows)
         loss, pseudo = em_apl_loss(logits, labels, soft, self.alpha, self.beta, valid)
         return LossOutput(loss, pseudo)
 

@@ -15,9 +15,10 @@ from bgtrain.losses.role import GIB, RoleCriterion, role_memory_gib
 
 
 def build_criterion(cfg: LossConfig, dataset: str, num_samples: int = 0, num_classes: int = 0, *,
-                    epochs: int = PAPER_EPOCHS, lr: float = ROLE_LR, seed: int = 0) -> Criterion:
+                    epochs: int = PAPER_EPOCHS, lr: float = ROLE_LR, seed: int = 0, batch_rows: int = 0) -> Criterion:
     """The training loss for a config; ``num_samples`` / ``num_classes`` size per-sample state, and
-    ``epochs`` (APL passes), ``lr`` (ROLE table) and ``seed`` reach ROLE / EM+APL."""
+    ``epochs`` (APL passes), ``lr`` (ROLE table), ``seed`` and ``batch_rows`` (the per-rank batch size, which
+    fixes the size of their per-step exchanges; 0 agrees on it at every step) reach ROLE / EM+APL."""
     scheme = cfg.scheme
     if scheme in ("full", "AN", *LARGE_LOSS_DEFAULT_DELTA):
         return LargeLossCriterion(scheme, cfg.delta_rel, num_classes)
@@ -33,12 +34,14 @@ def build_criterion(cfg: LossConfig, dataset: str, num_samples: int = 0, num_cla
         alpha = em_apl_params(cfg, dataset)[0]
         return LossFunction(lambda lg, lb, valid: entropy_maximisation(lg, lb, alpha, valid))
     if scheme in ("ROLE", "EM-APL"):
-        return build_stateful_criterion(cfg, dataset, num_samples, num_classes, epochs=epochs, lr=lr, seed=seed)
+        return build_stateful_criterion(cfg, dataset, num_samples, num_classes, epochs=epochs, lr=lr, seed=seed,
+                                        batch_rows=batch_rows)
     raise ValueError(f"loss.scheme: unknown scheme {scheme!r}")
 
 
 def build_stateful_criterion(cfg: LossConfig, dataset: str, num_samples: int, num_classes: int, *,
-                             epochs: int = PAPER_EPOCHS, lr: float = ROLE_LR, seed: int = 0) -> Criterion:
+                             epochs: int = PAPER_EPOCHS, lr: float = ROLE_LR, seed: int = 0,
+                             batch_rows: int = 0) -> Criterion:
     """ROLE or EM+APL for ``num_samples`` training samples; ``epochs`` sizes the APL passes, ``lr`` is
     the ROLE table's learning rate."""
     if num_samples <= 0 or num_classes <= 0:
@@ -52,7 +55,7 @@ def build_stateful_criterion(cfg: LossConfig, dataset: str, num_samples: int, nu
                 f"{table:.1f} GiB, {total:.1f} GiB per rank with its gradient and Adam state, above "
                 f"loss.state_max_gib={cfg.state_max_gib}. ROLE does not scale to this dataset; use a large-loss "
                 f"scheme, or raise loss.state_max_gib if every device has the memory")
-        return RoleCriterion(num_samples, num_classes, expected_positives(cfg, dataset), lr, seed)
+        return RoleCriterion(num_samples, num_classes, expected_positives(cfg, dataset), lr, seed, batch_rows)
     if cfg.scheme == "EM-APL":
         size = num_samples * num_classes * 4 / GIB
         if size > cfg.state_max_gib:
@@ -60,5 +63,5 @@ def build_stateful_criterion(cfg: LossConfig, dataset: str, num_samples: int, nu
                              f"({size:.1f} GiB, gathered whole for checkpoints), above loss.state_max_gib="
                              f"{cfg.state_max_gib}")
         alpha, beta, warmup = em_apl_params(cfg, dataset)
-        return EmAplCriterion(num_samples, num_classes, alpha, beta, warmup, epochs)
+        return EmAplCriterion(num_samples, num_classes, alpha, beta, warmup, epochs, batch_rows)
     raise ValueError(f"loss.scheme: {cfg.scheme!r} has no per-sample state (ROLE or EM-APL)")

@@ -5,8 +5,9 @@ Reference: github elijahcole/single-positive-multi-label, losses.py ``loss_role`
   * The table is **replicated** on every rank. After each step the ranks all-gather the table gradient
     rows of their batches (each sample is in exactly one rank's batch), so every rank applies the same
     dense Adam step and the copies stay bit-identical. This costs B x C floats per rank per step, and
-    avoids a sharded lookup in the forward pass. The gathered gradient is divided by the world size:
-    DDP averages the model's gradient over ranks, so the loss both see is the mean of the rank losses.
+    avoids a sharded lookup in the forward pass. Each rank pads its rows to the loader's batch size (id -1),
+    so the gathers have a fixed size: no size round and no host read. The gathered gradient is divided by the
+    world size: DDP averages the model's gradient over ranks, so the loss both see is the mean of the rank losses.
   * Adam is dense over the whole table, as in the reference: rows seen earlier keep drifting on their
     momentum, and rows never seen have zero moments, so they do not move.
   * The reference sets the observed entries of the table at start-up. The trainer cannot hand over the
@@ -24,7 +25,7 @@ import math
 
 import torch
 
-from bgtrain.distributed import all_gather_rows, rank_and_world
+from bgtrain.collectives import all_gather_padded, max_over_ranks, rank_and_world
 from bgtrain.losses.criterion import Criterion
 from bgtrain.losses.defaults import ROLE_ADAM_COPIES, ROLE_INIT_NEGATIVE, ROLE_INIT_POSITIVE, ROLE_INIT_UNKNOWN, ROLE_LR
 from bgtrain.losses.functional import LossOutput, batch_mean_sum, bce, mean_over_entries, upcast, valid_rows
@@ -66,8 +67,9 @@ class RoleCriterion(Criterion):
     """ROLE with a replicated label-estimate table, updated by its own Adam after every step."""
 
     def __init__(self, num_samples: int, num_classes: int, expected: float, lr: float = ROLE_LR,
-                 seed: int = 0) -> None:
+                 seed: int = 0, batch_rows: int = 0) -> None:
         self.num_samples, self.num_classes, self.expected, self.lr = num_samples, num_classes, expected, lr
+        self.batch_rows = batch_rows  # per-rank batch size: the gathers' fixed size (0: agreed at every step)
         q = logit(0.5 + ROLE_INIT_UNKNOWN)
         generator = torch.Generator().manual_seed(seed)  # same table on every rank
         table = q * (2 * torch.rand(num_samples, num_classes, generator=generator) - 1)
@@ -103,7 +105,7 @@ class RoleCriterion(Criterion):
         rows = valid_rows(valid, labels.shape[0], logits.device)
         ids = torch.where(rows, sample_ids.to(logits.device).long(), 0)  # placeholders carry id -1
         estimate = self._first_sight(self.table.detach()[ids], labels, ~self.seen[ids]).requires_grad_(True)
-        self._pending = (ids[rows], estimate, labels[rows], rows)
+        self._pending = (torch.where(rows, ids, -1), estimate, labels, rows)
         loss = role_loss(logits, estimate, labels, self.expected, rows)
         return LossOutput(loss, torch.zeros_like(labels, dtype=torch.bool))
 
@@ -113,22 +115,39 @@ class RoleCriterion(Criterion):
             return
         ids, estimate, labels, rows = self._pending
         self._pending = None
-        grad = estimate.grad[rows] if estimate.grad is not None else torch.zeros_like(estimate[rows])
+        grad = estimate.grad if estimate.grad is not None else torch.zeros_like(estimate)
+        grad = torch.where(rows[:, None], grad.float(), 0.0)
+        bound = self.batch_rows or max_over_ranks(ids.shape[0])
         world = rank_and_world()[1]  # Adam hardly sees this scale; it keeps the gradient that of the mean rank loss
-        ids, labels, grad = all_gather_rows(ids), all_gather_rows(labels), all_gather_rows(grad.float()) / world
-        with torch.no_grad():
-            fresh = ~self.seen[ids]
-            self.table[ids] = self._first_sight(self.table[ids], labels, fresh)
-            self.seen[ids] = True
+        ids, labels = all_gather_padded(ids, bound, -1), all_gather_padded(labels, bound, -1)
+        grad = all_gather_padded(grad, bound, 0.0) / world
+        if ids.numel():
+            self._first_sights(ids, labels)
         if not bool(torch.isfinite(grad).all()):  # an fp16 overflow step: the model's optimizer skips it too
             return
         dense = torch.zeros_like(self.table)
-        dense.index_put_((ids,), grad, accumulate=True)
+        dense.index_put_((ids.clamp(min=0),), grad, accumulate=True)  # padding rows add +0.0 to row 0: no change
         self.table.grad = dense
         if self._optimizer is None:  # made by _to in __call__, which set _pending
             raise RuntimeError("ROLE: after_step without the table's optimizer (no loss call this step)")
         self._optimizer.step()
         self.table.grad = None
+
+    def _first_sights(self, ids: torch.Tensor, labels: torch.Tensor) -> None:
+        """Set the observed entries of the gathered rows' never-seen samples, and mark them seen (id -1: no sample).
+
+        Rows without a sample become copies of the first real row, so that their writes repeat that row's own
+        (index writes with repeated indices must agree); with no real row at all they point at row 0 and change
+        nothing there. No host read.
+        """
+        valid = ids >= 0
+        first = torch.argmax(valid.to(torch.uint8))
+        copy = torch.where(valid, torch.arange(ids.shape[0], device=ids.device), first)
+        at, valid_at = ids[copy].clamp(min=0), valid[copy]
+        with torch.no_grad():
+            fresh = ~self.seen[at] & valid_at
+            self.table[at] = self._first_sight(self.table[at], labels[copy], fresh)
+            self.seen[at] = self.seen[at] | valid_at
 
     def estimates(self) -> torch.Tensor:
         """The current label estimates sigmoid(table), (N, C)."""
