@@ -212,7 +212,8 @@ def test_report_of_a_finished_run_has_every_figure_and_the_test_map(tiny, tmp_pa
     assert main([str(tiny["run"]), "--out", str(out), "--cam-images", "2"]) == 0
     assert "wrote" in capsys.readouterr().out
     page = parse_report(out)
-    assert len(page.sources) == 5   # curves, LL selection, throughput, group bars, CAM strip
+    assert len(page.sources) == 6   # curves, LL selection, throughput, where the time went, group bars, CAM strip
+    assert "Where the time went" in " ".join(page.text)
     assert all(src.startswith("data:") for src in page.sources)     # one self-contained file
     text = " ".join(page.text)
     results = json.loads((tiny["run"] / "results.json").read_text())
@@ -255,3 +256,14 @@ def test_report_names_a_run_folder_that_does_not_exist(tmp_path, capsys) -> None
 
 def test_report_help_has_an_example() -> None:
     assert "python -m bgtrain.report runs/demo/AN" in build_parser().format_help()
+
+
+def test_the_epoch_time_figure_stacks_every_part_of_each_epoch(tiny) -> None:
+    from bgtrain.report import figures
+    from bgtrain.report.runs import read_run
+    run = read_run(tiny["run"])
+    assert run.epochs and all({k for k, _ in figures.TIME_PARTS} <= set(e) for e in run.epochs)
+    for e in run.epochs:  # the parts the bar stacks add up to the epoch's wall time
+        assert abs(sum(e[k] for k, _ in figures.TIME_PARTS) - e["epoch_s"]) < 0.01
+    png = figures.epoch_time([run])
+    assert png is not None and png.startswith(b"\x89PNG")

@@ -58,7 +58,12 @@ def build_figures(runs: Sequence[Run], cam_images: int, device: torch.device) ->
                        if any(r.scheme in ("LL-R", "LL-Ct", "LL-Cp") for r in runs)
                        else "No large-loss run (LL-R, LL-Ct, LL-Cp) among these."),
            page.Figure("Throughput", figures.throughput(runs),
-                       "Images per second over all ranks, and the share of each step spent waiting for the loader.")]
+                       "Images per second over all ranks, and the share of each step spent waiting for the loader."),
+           page.Figure("Where the time went", figures.epoch_time(runs),
+                       "Each epoch's wall time on rank 0: start-up (first epoch of an attempt), waiting for data, "
+                       "steps, validation, the checkpoint stall (the copy to host memory; writing is in the "
+                       "background) and the rest (epoch-end collectives, logging)."
+                       if any(r.epochs for r in runs) else "No epoch lines in any metrics.jsonl yet.")]
     out.append(page.Figure("Group-wise mAP", figures.group_bars(runs),
                            "" if any(r.groups() for r in runs) else "No run was evaluated with eval.groups > 0."))
     if cam_images > 0:

@@ -114,6 +114,29 @@ def throughput(runs: Sequence[Run]) -> bytes | None:
     return to_png(fig)
 
 
+TIME_PARTS = (("startup_s", "start-up"), ("data_s", "data wait"), ("steps_s", "steps"),
+              ("validation_s", "validation"), ("checkpoint_s", "checkpoint stall"), ("other_s", "other"))
+
+
+def epoch_time(runs: Sequence[Run]) -> bytes | None:
+    """Where each epoch's wall time went on rank 0, one stacked bar per (run, epoch)."""
+    found = [(run, e) for run in runs for e in run.epochs]
+    if not found:
+        return None
+    fig, ax = plt.subplots(figsize=(11, 3.6))
+    labels = [f"{run.name}\nepoch {e['epoch']}" if len(runs) > 1 else f"epoch {e['epoch']}" for run, e in found]
+    bottom = np.zeros(len(found))
+    for k, (key, name) in enumerate(TIME_PARTS):
+        values = np.array([max(0.0, float(e.get(key) or 0.0)) for _, e in found])
+        ax.bar(range(len(found)), values, bottom=bottom, color=colour(k), label=name)
+        bottom += values
+    ax.set_xticks(range(len(found)), labels, fontsize=7)
+    ax.set(title="where each epoch's time went (rank 0)", ylabel="seconds")
+    ax.grid(alpha=0.3, axis="y")
+    ax.legend(fontsize=8, ncol=len(TIME_PARTS))
+    return to_png(fig)
+
+
 def group_bars(runs: Sequence[Run]) -> bytes | None:
     """Group-wise mAP bars (G1 rarest), one bar per run in each group."""
     found = [(i, run, g) for i, run in enumerate(runs) if (g := run.groups()) is not None]

@@ -21,6 +21,7 @@ class Run:
     config: dict = field(default_factory=dict)
     train: list[dict] = field(default_factory=list)
     val: list[dict] = field(default_factory=list)
+    epochs: list[dict] = field(default_factory=list)   # "epoch" records: where each epoch's wall time went
     test: dict | None = None
     best_checkpoint: Path | None = None
     missing: list[str] = field(default_factory=list)
@@ -112,6 +113,7 @@ def read_run(folder: str | Path) -> Run:
         run.missing.append(f"{metrics}: missing; no curves for this run")
     run.train = latest_per_step([r for r in records if r.get("kind") == "train"])
     run.val = latest_per_step([r for r in records if r.get("kind") == "val"])
+    run.epochs = latest_per_step([r for r in records if r.get("kind") == "epoch"])
     tests = [r for r in records if r.get("kind") == "test"]
     results_path = folder / "results.json"
     if results_path.is_file():
