@@ -17,7 +17,8 @@
 #   BGTRAIN_RDZV_PORT     rendezvous port on the first node    [20000 + job id % 20000]
 #   BGTRAIN_REQUEUE       1 = requeue the job after the pre-time-limit SIGUSR1 checkpoint   [1]
 #   BGTRAIN_PREFLIGHT     0 = skip `python -m cluster.preflight`   [1]
-#   BGTRAIN_PREFLIGHT_ARGS extra preflight flags, e.g. "--min-free-gb 200 --require-gpu"
+#   BGTRAIN_PREFLIGHT_ARGS extra preflight flags, e.g. "--min-free-gb 200 --require-gpu" ("--full" walks
+#                         every tar header on every node: O(samples); the default is O(shards) per node)
 #   BGTRAIN_PYTHON        python to run                        [python]
 #
 # Logs: runs/slurm/$SLURM_JOB_ID/ holds batch.log (link to Slurm's --output), node<N>.log per node

@@ -19,7 +19,7 @@ from typing import Callable, Iterator
 import torch
 
 from bgtrain.config import DataConfig
-from bgtrain.data.backend import Backend, RawBatch
+from bgtrain.data.backend import Backend, RawBatch, ReaderFailure
 from bgtrain.data.common import flip_mask, normalise, split_info
 from bgtrain.data.dali import DaliBackend
 from bgtrain.data.plan import EpochPlan, PlanSpec, SampleReaders, sample_readers
@@ -110,6 +110,8 @@ class Loader:
         limit = self.cfg.max_corrupt_fraction * plan.rank_samples(self.world.rank, total)
         raw = self.backend.raw_batches(plan, self.batches_done)
         for step, item in enumerate(raw, start=self.batches_done):
+            if isinstance(item, ReaderFailure):
+                raise item.error
             if step >= total:
                 break
             self.batches_done = step + 1

@@ -15,6 +15,15 @@ from bgtrain.data.plan import EpochPlan
 
 
 @dataclass
+class ReaderFailure:
+    """What a loader process hands over instead of a batch when a shard cannot be read (a missing file, an
+    index that disagrees with the manifest): the rank raises ``error`` itself, as one line naming the file,
+    where an exception inside the process would reach it wrapped in that process's traceback."""
+
+    error: Exception
+
+
+@dataclass
 class RawBatch:
     """One batch as a backend hands it over, on the host (or in DALI's buffer).
 
@@ -49,8 +58,8 @@ class Backend(Protocol):
         """Whether the backend fills each batch before the next (DALI), instead of the plan's fill."""
         ...
 
-    def raw_batches(self, plan: EpochPlan, batches_done: int) -> Iterator[RawBatch]:
-        """This rank's raw batches of ``plan`` from step ``batches_done`` on."""
+    def raw_batches(self, plan: EpochPlan, batches_done: int) -> Iterator[RawBatch | ReaderFailure]:
+        """This rank's raw batches of ``plan`` from step ``batches_done`` on (or a failure to raise)."""
         ...
 
     def images(self, raw: RawBatch) -> tuple[torch.Tensor, torch.Tensor]:

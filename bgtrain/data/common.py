@@ -40,12 +40,8 @@ class SplitInfo:
         """The shard holding ``sample_id``: ids are 0..N-1 in written order (shards.format)."""
         return min(bisect.bisect_right(list(accumulate(self.shard_sizes)), sample_id), len(self.shard_sizes) - 1)
 
-    def open_index(self, shard: int) -> ShardIndex:
-        """The shard's DALI index, checked against the manifest and the tar's size before anything is read.
-
-        A tar of another size than the manifest records (or, for manifests without sizes, shorter
-        than its index says) is refused, naming it: a truncated or replaced copy is never trained on.
-        """
+    def checked_size(self, shard: int) -> int:
+        """The tar's size, once it is known to be there and of the size the manifest records (when it does)."""
         tar = self.shard_paths[shard]
         try:
             size = tar.stat().st_size
@@ -55,6 +51,16 @@ class SplitInfo:
         if expected is not None and size != expected:
             raise ShardError(f"{tar}: {size} bytes, manifest.json says {expected}; the copy is truncated or "
                              "replaced (check it with `python -m shards verify`)")
+        return size
+
+    def open_index(self, shard: int) -> ShardIndex:
+        """The shard's DALI index, checked against the manifest and the tar's size before anything is read.
+
+        A tar of another size than the manifest records (or, for manifests without sizes, shorter
+        than its index says) is refused, naming it: a truncated or replaced copy is never trained on.
+        """
+        tar = self.shard_paths[shard]
+        size = self.checked_size(shard)
         index = read_dali_index(tar.with_suffix(".idx"))
         if len(index) != self.shard_sizes[shard]:
             raise ShardError(f"{tar.with_suffix('.idx')}: {len(index)} samples, manifest.json says "
@@ -65,9 +71,14 @@ class SplitInfo:
         return index
 
     def check_shards(self, shards: set[int]) -> None:
-        """:meth:`open_index` for each of ``shards``, keeping nothing: the readers open what they read."""
+        """What can be checked of ``shards`` without reading them: each tar is there, of the size the manifest
+        records, and has its index. A stat per file; the readers parse an index when they reach its shard
+        (:meth:`open_index`), so a pass pays for what it reads."""
         for shard in sorted(shards):
-            self.open_index(shard)
+            self.checked_size(shard)
+            idx = self.shard_paths[shard].with_suffix(".idx")
+            if not idx.is_file():
+                raise ShardError(f"{idx}: index missing; rebuild the shards or run `wds2idx` (ships with DALI)")
 
 
 def split_info(root: str | Path, split: str, label_set: str) -> SplitInfo:

@@ -18,22 +18,23 @@ from __future__ import annotations
 
 import functools
 import io
+import itertools
 import multiprocessing
 import multiprocessing.context
 import os
 import select
 import threading
-from collections.abc import Sequence
+from collections.abc import Iterable, Sequence
 from typing import TYPE_CHECKING, Any, Iterator
 
 import numpy as np
 import torch
 from PIL import Image
 
-from bgtrain.data.backend import RawBatch
+from bgtrain.data.backend import RawBatch, ReaderFailure
 from bgtrain.data.common import SplitInfo, flip_decision, usable_labels
 from bgtrain.data.plan import EpochPlan, Piece, PlanSpec, skipped_batches
-from shards.format import decode_label_rows, pad_label_members
+from shards.format import ShardError, decode_label_rows, pad_label_members
 
 if TYPE_CHECKING:
     from bgtrain.data import Loader
@@ -73,19 +74,23 @@ def shuffled(items: Iterator[int], buffer: int, rng: np.random.Generator) -> Ite
     yield from pool
 
 
-def read_samples(info: SplitInfo, pieces: tuple[Piece, ...], positions: list[int]) -> Iterator[tuple[int, dict]]:
+def read_samples(info: SplitInfo, pieces: tuple[Piece, ...], positions: Iterable[int]) -> Iterator[tuple[int, dict]]:
     """(position, sample) for increasing ``positions`` of a range made of ``pieces``, seeking through the index.
 
-    A sample is {"key", "shard", "jpg", "lbl"}; a member the index lacks or the tar cuts short is None.
+    Lazy: a shard is indexed (and checked, :meth:`SplitInfo.open_index`) when the first position inside it
+    is asked for, so a pass that stops early reads and indexes only what it reached. A sample is
+    {"key", "shard", "jpg", "lbl"}; a member the index lacks or the tar cuts short is None.
     """
-    first, k = 0, 0
+    wanted = iter(positions)
+    p = next(wanted, None)
+    first = 0
     for piece in pieces:
         end = first + len(piece)
-        if k < len(positions) and positions[k] < end:
+        if p is not None and p < end:
             path, index = info.shard_paths[piece.shard], info.open_index(piece.shard)
             with open(path, "rb", buffering=1 << 20) as f:
-                while k < len(positions) and positions[k] < end:
-                    i = piece.start + positions[k] - first
+                while p is not None and p < end:
+                    i = piece.start + p - first
                     sample: dict = {"key": index.keys[i], "shard": str(path)}
                     for ext in WANTED:
                         where = index.members[i].get(ext)
@@ -95,8 +100,8 @@ def read_samples(info: SplitInfo, pieces: tuple[Piece, ...], positions: list[int
                             read = f.read(where[1])
                             data = read if len(read) == where[1] else None
                         sample[ext] = data
-                    yield positions[k], sample
-                    k += 1
+                    yield p, sample
+                    p = next(wanted, None)
         first = end
 
 
@@ -122,7 +127,7 @@ class SlotStream(torch.utils.data.IterableDataset):
             self._plan = (self.epoch, self.spec.plan(self.epoch))
         return self._plan[1]
 
-    def __iter__(self) -> Iterator[RawBatch]:
+    def __iter__(self) -> Iterator[RawBatch | ReaderFailure]:
         self.epoch, self.batches_done = int(self.position[0]), int(self.position[1])
         winfo = torch.utils.data.get_worker_info()
         # The DataLoader always asks worker 0 first; after a resume at batch b the next batch belongs to
@@ -131,17 +136,27 @@ class SlotStream(torch.utils.data.IterableDataset):
         worker = ((winfo.id if winfo is not None else 0) + self.batches_done) % workers
         sizes = self.plan.slot_batches(self.rank, worker)
         done = skipped_batches(self.batches_done, worker, workers)
-        order: list[int] | range = range(sum(sizes))
+        order: Iterator[int] = iter(range(sum(sizes)))
         if self.shuffle_buffer > 1:
             rng = np.random.default_rng([self.seed, self.epoch, self.rank, worker])
-            order = list(shuffled(iter(order), self.shuffle_buffer, rng))
-        samples = self._in_order(self.plan.units(self.rank, worker), order[sum(sizes[:done]):])
-        for rows in sizes[done:]:
-            yield self._collate([next(samples) for _ in range(rows)])
+            order = shuffled(order, self.shuffle_buffer, rng)
+        # A resumed pass skips the positions the consumed batches held, without reading them.
+        consumed = set(itertools.islice(order, sum(sizes[:done])))
+        samples = self._in_order(self.plan.units(self.rank, worker), order, consumed, sum(sizes))
+        try:
+            for rows in sizes[done:]:
+                yield self._collate([next(samples) for _ in range(rows)])
+        except (ShardError, OSError) as e:  # a shard reached mid-pass cannot be read: the rank says so
+            yield ReaderFailure(e)
 
-    def _in_order(self, pieces: tuple[Piece, ...], order: list[int] | range) -> Iterator[dict]:
-        """The samples at slot positions ``order``, read front to back and held until their turn."""
-        reader = read_samples(self.info, pieces, sorted(order))
+    def _in_order(self, pieces: tuple[Piece, ...], order: Iterator[int], consumed: set[int],
+                  count: int) -> Iterator[dict]:
+        """The samples at slot positions ``order``, read front to back and held until their turn.
+
+        Both streams are lazy: a pass that stops early (``data.max_batches``) reads and shuffles only about
+        what it consumed plus the shuffle buffer, and the buffer bounds what is held.
+        """
+        reader = read_samples(self.info, pieces, (q for q in range(count) if q not in consumed))
         held: dict[int, dict] = {}
         for p in order:
             while p not in held:
@@ -242,7 +257,7 @@ class WebDatasetBackend:
     def pad_at_end(self) -> bool:
         return False
 
-    def raw_batches(self, plan: EpochPlan, batches_done: int) -> Iterator[RawBatch]:
+    def raw_batches(self, plan: EpochPlan, batches_done: int) -> Iterator[RawBatch | ReaderFailure]:
         """This rank's raw batches, from ``data.workers`` DataLoader processes (or this one with 0).
 
         The processes start at the first pass and serve every later one (``persistent_workers``): a pass
