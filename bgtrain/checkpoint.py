@@ -156,6 +156,16 @@ def load(path: str | Path) -> dict:
         raise DataError(f"checkpoint {path} cannot be loaded: {str(e).splitlines()[0]}") from e
 
 
+def load_measured(path: str | Path) -> tuple[dict, dict]:
+    """:func:`load`, and what it cost: ``load_s``, the file's size and the bytes this process read meanwhile."""
+    from bgtrain.runlog import bytes_read
+    started, before = time.perf_counter(), bytes_read()
+    state = load(path)
+    after = bytes_read()
+    return state, {"load_s": round(time.perf_counter() - started, 4), "file_bytes": Path(path).stat().st_size,
+                   "bytes_read": None if before is None or after is None else after - before}
+
+
 def peek(path: str | Path) -> dict:
     """A checkpoint's entries without reading its tensors (memory-mapped): config, loader, best, rng."""
     path = Path(path)

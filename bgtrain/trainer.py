@@ -27,7 +27,7 @@ from bgtrain.ops import active_implementation
 from bgtrain.predict import predict
 from bgtrain.report.cams import EpochCams
 from bgtrain.report.tensorboard import TensorBoardSink
-from bgtrain.runlog import EpochTimes, RunLogger, bytes_read
+from bgtrain.runlog import EpochTimes, RunLogger
 from shards.format import read_manifest
 
 
@@ -187,18 +187,14 @@ class Trainer:
         path = broadcast_object(str(found) if found else None)
         if not path:
             return
-        started, read_before = time.perf_counter(), bytes_read()
-        state = ckpt.load(path)  # the one read of the file on this rank, its CRCs checked on the bytes read
+        state, cost = ckpt.load_measured(path)  # the one read of the file on this rank
         self.log.run_started = state.get("run_started", self.log.run_started)
         self.engine.load_state_dict(state["engine"])
         self.criterion.load_state_dict(criterion_state(state))
         ckpt.set_rng_state(state["rng"][self.world.rank % len(state["rng"])])
         self.epoch, self.batches_done = state["loader"]["epoch"], state["loader"]["batches_done"]
         self.global_step, self.best = state["global_step"], state["best"]
-        read_after = bytes_read()
-        self.log.record(kind="resume", path=path, step=self.global_step, load_s=round(time.perf_counter() - started, 4),
-                        file_bytes=Path(path).stat().st_size,
-                        bytes_read=None if read_before is None or read_after is None else read_after - read_before)
+        self.log.record(kind="resume", path=path, step=self.global_step, **cost)
         self.log.message(f"resumed from {path}: epoch {self.epoch}, batch {self.batches_done}")
 
     def save(self, is_best: bool = False) -> None:

@@ -144,7 +144,7 @@ def test_a_resume_reads_the_checkpoint_once_and_the_final_test_reloads_nothing(s
     trainer = Trainer(load_config(SMOKE, overrides))
     loads: list[str] = []
     real_load = ckpt.load
-    monkeypatch.setattr(ckpt, "load", lambda path: loads.append(str(path)) or real_load(path))
+    monkeypatch.setattr(ckpt, "load", lambda path: loads.append(str(path)) or real_load(path))  # load_measured too
     results = trainer.fit()
     assert loads == [], "the final test reloaded the weights the rank already held"
     records = [json.loads(line) for line in (tmp_path / "run" / "metrics.jsonl").read_text().splitlines()]
