@@ -15,7 +15,7 @@ EXAMPLES = """examples:
   python -m shards build openimages --src data/raw/oi --images /scratch/oi/images --out data/shards/oi \\
       --part 3 --parts 64
   python -m shards merge data/shards/oi --workers 8
-  python -m shards verify data/shards/voc
+  python -m shards verify data/shards/voc --workers 8
   python -m shards stats data/shards/voc
   python -m shards bench --images data/raw/voc/VOCdevkit/VOC2012/JPEGImages --limit 500 --workers 2
   python -m shards synthetic --out data/smoke --classes 10 --train 200 --val 50 --test 50 --size 64
@@ -51,14 +51,25 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--dry-run", action="store_true", help="read annotations and stat files only; write nothing")
 
     m = sub.add_parser("merge", help="merge the parts of an array build", epilog=EXAMPLES,
-                       formatter_class=argparse.RawDescriptionHelpFormatter)
+                       formatter_class=argparse.RawDescriptionHelpFormatter,
+                       description="Hard-link (or move) every part tar to its global name and renumber its sample "
+                                   "ids in place (no image is copied), write the indexes, reports and one "
+                                   "manifest.json, verify the result as `verify --no-decode` does, then remove "
+                                   "OUT/parts. Stopped midway, it is run again; parts/ stays until the result "
+                                   "verifies.")
     m.add_argument("out", type=Path, help="the --out folder the parts were built into")
-    m.add_argument("--workers", type=int, default=os.cpu_count() or 1)
+    m.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="processes placing and verifying shards (default: all cores)")
+    m.add_argument("--keep-parts", action="store_true",
+                   help="keep OUT/parts after the merge verifies (its tars are hard links to the merged ones)")
 
     v = sub.add_parser("verify", help="re-hash, decode and count everything", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
     v.add_argument("out", type=Path)
     v.add_argument("--no-decode", action="store_true", help="skip decoding the JPEGs (hashes and counts only)")
+    v.add_argument("--workers", type=int, default=os.cpu_count() or 1,
+                   help="shards checked at a time, one process each (default: all cores); the report is the same "
+                        "for any number")
 
     s = sub.add_parser("stats", help="print the split and class tables", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -170,12 +181,16 @@ def main(argv: list[str] | None = None) -> int:
         return _build(args)
     if args.command == "merge":
         from shards.merge import merge
-        m = merge(args.out, args.workers)
+        if args.workers < 1:
+            raise UsageError(f"--workers must be positive, got {args.workers}")
+        m = merge(args.out, args.workers, keep_parts=args.keep_parts)
         print(json.dumps({s: i["num_samples"] for s, i in m["splits"].items()}))
         return 0
     if args.command == "verify":
         from shards.verify import verify
-        errors = verify(args.out, decode=not args.no_decode)
+        if args.workers < 1:
+            raise UsageError(f"--workers must be positive, got {args.workers}")
+        errors = verify(args.out, decode=not args.no_decode, workers=args.workers)
         for e in errors[:50]:
             print(e)
         print(f"{len(errors)} problems" if errors else f"{args.out}: OK")

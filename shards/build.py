@@ -12,7 +12,7 @@ import hashlib
 import json
 import multiprocessing as mp
 import os
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -53,10 +53,32 @@ class RateColumn(ProgressColumn):
         return f"{task.speed or 0:,.0f} {self.unit}/s"
 
 
-def shuffled(records: list[Record], split: str, seed: int) -> list[Record]:
+def write_order(n: int, split: str, seed: int) -> np.ndarray:
+    """The seeded permutation of a split's ``n`` records that it is written in (same in every part)."""
+    return np.random.default_rng([seed, SPLIT_CODES.get(split, 9)]).permutation(n)
+
+
+def shuffled(records: Sequence[Record], split: str, seed: int) -> list[Record]:
     """The seeded order the split is written in (same in every part of an array build)."""
-    order = np.random.default_rng([seed, SPLIT_CODES.get(split, 9)]).permutation(len(records))
-    return [records[i] for i in order]
+    return [records[i] for i in write_order(len(records), split, seed)]
+
+
+def plan_part(data: DatasetRecords, opts: BuildOptions) -> tuple[dict[str, list[Record]], dict[str, list[int]]]:
+    """The records part ``opts.part`` writes per split, and its range [start, end) of the written order.
+
+    Only the part's own records are built: a reader may return a sequence that makes them when indexed.
+    """
+    plan, ranges = {}, {}
+    for split, records in data.splits.items():
+        order = write_order(len(records), split, opts.seed)
+        a, b = part_range(len(order), opts.part, opts.parts)
+        plan[split], ranges[split] = [records[int(i)] for i in order[a:b]], [a, b]
+    return plan, ranges
+
+
+def id_width(n: int) -> int:
+    """Characters of the largest sample id a split of ``n`` inputs can have."""
+    return len(str(max(n - 1, 0)))
 
 
 def part_range(n: int, part: int, parts: int) -> tuple[int, int]:
@@ -103,8 +125,10 @@ def fingerprint(records: dict[str, list[Record]], classes: list[str], opts: Buil
 class SplitBuilder:
     """Writes one split of one part, resuming after its last done shard."""
 
-    def __init__(self, out: Path, split: str, records: list[Record], classes: list[str], opts: BuildOptions):
+    def __init__(self, out: Path, split: str, records: list[Record], classes: list[str], opts: BuildOptions,
+                 id_width: int = 0):
         self.out, self.split, self.records, self.classes, self.opts = out, split, records, classes, opts
+        self.id_width = id_width  # array parts: .json ids padded so that the merge renumbers them in place
         self.done_dir = out / ".done"
         self.done: list[dict] = []
 
@@ -148,7 +172,8 @@ class SplitBuilder:
                             self._close(writer, cur, k, end=pos)
                             k, writer, cur = k + 1, None, self._new_state(pos, next_id)
                         if writer is None:
-                            writer = ShardWriter(self.out / self.split / shard_name(self.split, k))
+                            writer = ShardWriter(self.out / self.split / shard_name(self.split, k),
+                                                 id_width=self.id_width)
                         jpeg, changes = payload
                         writer.write(sample_key(self.split, next_id), jpeg, _labels(next_id, self.records[pos]),
                                      self.classes)
@@ -217,12 +242,7 @@ def build(data: DatasetRecords, out: Path, opts: BuildOptions, workers: int = 1,
     """Write the shards, index, reports and ``manifest.json`` of ``data`` (or of one part) into ``out``."""
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
-    plan: dict[str, list[Record]] = {}
-    ranges: dict[str, list[int]] = {}
-    for split, records in data.splits.items():
-        order = shuffled(records, split, opts.seed)
-        a, b = part_range(len(order), opts.part, opts.parts)
-        plan[split], ranges[split] = order[a:b], [a, b]
+    plan, ranges = plan_part(data, opts)
     fp = fingerprint(plan, data.classes, opts)
     fp_path = out / ".done" / "build.json"
     if fp_path.is_file() and json.loads(fp_path.read_text())["fingerprint"] != fp:
@@ -231,7 +251,8 @@ def build(data: DatasetRecords, out: Path, opts: BuildOptions, workers: int = 1,
     (out / ".done").mkdir(parents=True, exist_ok=True)
     write_json_atomic(fp_path, {"fingerprint": fp, "options": asdict(opts)})
 
-    builders = {s: SplitBuilder(out, s, recs, data.classes, opts) for s, recs in plan.items()}
+    width = {s: id_width(len(data.splits[s])) if opts.parts > 1 else 0 for s in plan}  # see shards.merge
+    builders = {s: SplitBuilder(out, s, recs, data.classes, opts, width[s]) for s, recs in plan.items()}
     ctx = mp.get_context("spawn" if os.name == "nt" else "fork")
     pool = ctx.Pool(workers) if workers > 1 else None
     try:
@@ -285,9 +306,7 @@ def _write_text(path: Path, lines: list[str]) -> None:
 def dry_run(data: DatasetRecords, opts: BuildOptions) -> dict:
     """What a build would do, without decoding: inputs per split and files that do not exist."""
     report = {}
-    for split, records in data.splits.items():
-        a, b = part_range(len(records), opts.part, opts.parts)
-        recs = shuffled(records, split, opts.seed)[a:b]
+    for split, recs in plan_part(data, opts)[0].items():
         absent = sum(not os.path.exists(r.path) for r in recs)
         report[split] = {"inputs": len(recs), "missing": absent,
                          "shards": -(-(len(recs) - absent) // opts.shard_size)}

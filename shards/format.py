@@ -184,12 +184,27 @@ def _tar_info(name: str, size: int) -> tarfile.TarInfo:
     return info
 
 
+def json_id_tail(sample_id: int, width: int = 0) -> bytes:
+    """How a ``.json`` member ends: its sample id, right-aligned in ``width`` characters (0: as json.dumps writes it).
+
+    Array-build parts write the id at the width of the largest id the split can have, so that the merge can
+    renumber a sample in place without changing the size of any member (``shards.merge``).
+    """
+    if width and len(str(sample_id)) > width:
+        raise ValueError(f"sample id {sample_id} does not fit in {width} characters")
+    return f'"sample_id": {sample_id:>{width}}}}'.encode() if width else f'"sample_id": {sample_id}}}'.encode()
+
+
 @dataclass
 class ShardWriter:
-    """Writes one tar atomically (temporary name, fsync, rename) and its DALI index beside it."""
+    """Writes one tar atomically (temporary name, fsync, rename) and its DALI index beside it.
+
+    ``id_width`` > 0 pads the sample id of each ``.json`` member to that many characters (array-build parts).
+    """
 
     path: Path
     _entries: list = field(default_factory=list)
+    id_width: int = 0
 
     def __post_init__(self) -> None:
         self.path = Path(self.path)
@@ -206,8 +221,10 @@ class ShardWriter:
             "observed": {"pos": [names[i] for i in labels.obs_pos], "neg": [names[i] for i in labels.obs_neg]},
             "full": {"pos": [names[i] for i in labels.full_pos], "neg": [names[i] for i in labels.full_neg]},
         }
-        members = [("jpg", jpeg), ("lbl", encode_labels(labels)),
-                   ("json", json.dumps(meta, sort_keys=True).encode())]
+        text = json.dumps(meta, sort_keys=True).encode()  # sample_id sorts last: the text ends with it
+        if self.id_width:
+            text = text[: -len(json_id_tail(labels.sample_id))] + json_id_tail(labels.sample_id, self.id_width)
+        members = [("jpg", jpeg), ("lbl", encode_labels(labels)), ("json", text)]
         for ext, data in members:
             self._tar.addfile(_tar_info(f"{key}.{ext}", len(data)), io.BytesIO(data))
             # DALI indexes the data, which ends the member's 512-byte-padded block.

@@ -15,13 +15,28 @@ def train_counts(labels: Iterable[SampleLabels], num_classes: int, rest: dict[st
     Negatives include the implicit ones: where a label set's ``rest`` is 0, every class absent from a
     sample's positive list is a negative annotation. The OpenImages groups are cut from ``full_pos``.
     """
-    counts = {k: np.zeros(num_classes, np.int64) for k in ("full_pos", "full_neg", "obs_pos", "obs_neg")}
+    return finish_counts(*listed_counts(labels, num_classes), rest)
+
+
+def listed_counts(labels: Iterable[SampleLabels], num_classes: int) -> tuple[dict[str, np.ndarray], int]:
+    """Per-class counts of the ids the samples list, and the number of samples: partial sums of ``train_counts``."""
+    ids: dict[str, list[Sequence[int]]] = {k: [] for k in ("full_pos", "full_neg", "obs_pos", "obs_neg")}
     n = 0
     for s in labels:
         n += 1
-        for prefix, pos, neg in (("full", s.full_pos, s.full_neg), ("obs", s.obs_pos, s.obs_neg)):
-            np.add.at(counts[f"{prefix}_pos"], np.asarray(pos, np.int64), 1)
-            np.add.at(counts[f"{prefix}_neg"], np.asarray(neg, np.int64), 1)
+        for key, listed in (("full_pos", s.full_pos), ("full_neg", s.full_neg), ("obs_pos", s.obs_pos),
+                            ("obs_neg", s.obs_neg)):
+            ids[key].append(listed)
+    counts = {}
+    for key, lists in ids.items():
+        flat = np.fromiter((c for listed in lists for c in listed), np.int64)
+        counts[key] = np.bincount(flat, minlength=num_classes)[:num_classes]  # an id out of range is verify's error
+    return counts, n
+
+
+def finish_counts(counts: dict[str, np.ndarray], n: int, rest: dict[str, int]) -> dict[str, list[int]]:
+    """``train_counts`` from summed ``listed_counts``: implicit negatives added where ``rest`` is 0."""
+    counts = dict(counts)
     for prefix, key in (("full", "full"), ("obs", "observed")):
         if rest[key] == 0:  # implicit negatives: all that is neither an explicit positive nor negative
             counts[f"{prefix}_neg"] = n - counts[f"{prefix}_pos"]

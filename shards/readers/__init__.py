@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import importlib
 from collections import Counter
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -49,6 +49,16 @@ class Problems:
         if self.counts[kind] <= self._max:
             self.examples.append({"kind": kind, "where": where, "detail": detail})
 
+    @property
+    def max_examples(self) -> int:
+        """Examples kept per kind."""
+        return self._max
+
+    def count(self, kind: str, n: int) -> None:
+        """Count ``n`` more problems of ``kind`` that come after its last example (none of them is kept)."""
+        if n:
+            self.counts[kind] += n
+
     def summary(self) -> dict[str, int]:
         return dict(sorted(self.counts.items()))
 
@@ -59,7 +69,7 @@ class DatasetRecords:
 
     name: str
     classes: list[str]
-    splits: dict[str, list[Record]]
+    splits: Mapping[str, Sequence[Record]]   # lists, or sequences that build records when indexed
     rest: dict[str, dict[str, int]]
     problems: Problems = field(default_factory=Problems)
     meta: dict = field(default_factory=dict)   # extra manifest entries, e.g. OpenImages' class MIDs
