@@ -326,12 +326,13 @@ class Trainer:
         cfg, best = self.cfg, self.best
         if self.world.is_main:
             self.saver.wait()  # best.pt is linked by the background write
-        if best["epoch"] != self.epoch - 1:  # the ranks hold the last epoch's weights: load only another epoch's
-            best_path = broadcast_object(str(self.saver.folder / "best.pt") if self.world.is_main else None)
-            if best_path is None:
-                raise RuntimeError("rank 0 broadcast no path of the best checkpoint")
-            barrier()
-            self.engine.load_state_dict(ckpt.load(best_path)["engine"])
+        # Loaded even when the best epoch is the last: under DDP each rank's BatchNorm buffers drift from rank 0's
+        # (the checkpoint's) after the last buffer broadcast, so only the file gives every rank the same model.
+        best_path = broadcast_object(str(self.saver.folder / "best.pt") if self.world.is_main else None)
+        if best_path is None:
+            raise RuntimeError("rank 0 broadcast no path of the best checkpoint")
+        barrier()
+        self.engine.load_state_dict(ckpt.load(best_path)["engine"])
         test_map, info = evaluate_map(self.engine, cfg, self.scoring_loader("test"))
         results = {"name": cfg.name, "scheme": cfg.loss.scheme, "alpha_train": cfg.model.alpha_train,
                    "alpha_eval": cfg.model.alpha_eval, "best_epoch": best["epoch"], "val_map": best["val_map"],
