@@ -333,15 +333,10 @@ def ddp_worker(rank: int, world: int, port: int, out_dir: str, cuda: bool) -> No
     from bgtrain.bench.train import synthetic_batch
     from bgtrain.collectives import all_gather_fixed, force_collectives
     from bgtrain.config import LossConfig, ModelConfig
+    from bgtrain.gpu_check_criteria import join_check_group
     from bgtrain.losses import build_criterion
     from bgtrain.model import build_model
-
-    torch.set_num_threads(1)
-    device = torch.device("cuda", 0) if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
-    dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
-                            world_size=world, timeout=datetime.timedelta(seconds=120))
+    device = join_check_group(rank, world, port, cuda)
     try:
         torch.manual_seed(0)
         model = build_model(ModelConfig(depth=18, channels_last=True), num_classes=10).to(device)

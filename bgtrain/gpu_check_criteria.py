@@ -97,11 +97,9 @@ def criterion_round(scheme: str, device: torch.device) -> dict:
             "ok": finite and same}
 
 
-def criteria_worker(rank: int, world: int, port: int, out_dir: str, cuda: bool) -> None:
-    """One rank: the helpers' placement, then LL-Cp and EM+APL, every collective forced through the backend."""
+def join_check_group(rank: int, world: int, port: int, cuda: bool) -> torch.device:
+    """In a spawned check process: one thread, this rank's device, and an NCCL (CUDA) or gloo group on loopback."""
     import torch.distributed as dist
-
-    from bgtrain.collectives import force_collectives
 
     torch.set_num_threads(1)
     device = torch.device("cuda", 0) if cuda else torch.device("cpu")
@@ -109,6 +107,15 @@ def criteria_worker(rank: int, world: int, port: int, out_dir: str, cuda: bool) 
         torch.cuda.set_device(device)
     dist.init_process_group("nccl" if cuda else "gloo", init_method=f"tcp://127.0.0.1:{port}", rank=rank,
                             world_size=world, timeout=datetime.timedelta(seconds=120))
+    return device
+
+
+def criteria_worker(rank: int, world: int, port: int, out_dir: str, cuda: bool) -> None:
+    """One rank: the helpers' placement, then LL-Cp and EM+APL, every collective forced through the backend."""
+    import torch.distributed as dist
+
+    from bgtrain.collectives import force_collectives
+    device = join_check_group(rank, world, port, cuda)
     try:
         with force_collectives():
             placement = helper_placement(device)
