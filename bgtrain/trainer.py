@@ -32,15 +32,23 @@ from shards.format import read_manifest
 
 
 class StopRequested:
-    """SIGUSR1 / SIGTERM (Slurm's warning before the time limit): checkpoint at the next step, exit 0."""
+    """SIGUSR1 / SIGTERM (Slurm's warning before the time limit): checkpoint at the next step, exit 0.
+
+    The handlers last while the run does: ``restore`` puts back the ones found, so a process that trains in-line
+    (a notebook, a test) and later forks workers does not hand them a SIGTERM that only sets a flag."""
+
+    SIGNALS = (signal.SIGUSR1, signal.SIGTERM)
 
     def __init__(self) -> None:
         self.flag = False
-        for sig in (signal.SIGUSR1, signal.SIGTERM):
-            signal.signal(sig, self._set)
+        self._previous = {sig: signal.signal(sig, self._set) for sig in self.SIGNALS}
 
     def _set(self, *_: object) -> None:
         self.flag = True
+
+    def restore(self) -> None:
+        for sig, handler in self._previous.items():
+            signal.signal(sig, handler)
 
     def agreed(self, device: torch.device) -> bool:
         """True on every rank as soon as any rank was signalled, so that all stop at the same step.
@@ -234,6 +242,7 @@ class Trainer:
             # run has none of its own to report.
             self.saver.wait(raise_error=completed)
             self.log.close()
+            stop.restore()
 
     def _train_epoch(self, stop: StopRequested) -> bool:
         """The rest of the current epoch; False when a stop was requested (after checkpointing)."""

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import io
 import json
-import multiprocessing as mp
 import time
 from pathlib import Path
 
@@ -16,6 +15,7 @@ from PIL import Image
 
 from shards.build import CHUNK, process_chunk
 from shards.images import target_size
+from shards.pool import pool_map, worker_pool
 
 EXTS = {".jpg", ".jpeg", ".png", ".bmp", ".webp", ".tif", ".tiff"}
 
@@ -41,11 +41,8 @@ def builder_step(paths: list[Path], max_side: int, quality: int, workers: int) -
     """The builder's per-image work, on ``workers`` processes. Returns images accepted."""
     items = [(i, str(p)) for i, p in enumerate(paths)]
     tasks = [(items[i: i + CHUNK], max_side, quality) for i in range(0, len(items), CHUNK)]
-    if workers > 1:
-        with mp.get_context("fork").Pool(workers) as pool:
-            results = pool.map(process_chunk, tasks)
-    else:
-        results = list(map(process_chunk, tasks))
+    with worker_pool(workers) as pool:
+        results = pool_map(pool, process_chunk, tasks)
     return sum(1 for chunk in results for _, status, _ in chunk if status == "ok")
 
 

@@ -23,6 +23,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColum
 from shards.format import SampleLabels, ShardWriter, sample_key, shard_name, write_json_atomic
 from shards.images import Rejected, prepare
 from shards.manifest import make_manifest, train_counts
+from shards.pool import worker_pool
 from shards.readers import DatasetRecords, Record
 
 SPLIT_CODES = {"train": 0, "val": 1, "test": 2}
@@ -253,16 +254,9 @@ def build(data: DatasetRecords, out: Path, opts: BuildOptions, workers: int = 1,
 
     width = {s: id_width(len(data.splits[s])) if opts.parts > 1 else 0 for s in plan}  # see shards.merge
     builders = {s: SplitBuilder(out, s, recs, data.classes, opts, width[s]) for s, recs in plan.items()}
-    ctx = mp.get_context("spawn" if os.name == "nt" else "fork")
-    pool = ctx.Pool(workers) if workers > 1 else None
-    try:
-        with progress_bar(disable=not show_progress) as progress:
-            for builder in builders.values():
-                builder.run(pool, progress)
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
+    with worker_pool(workers) as pool, progress_bar(disable=not show_progress) as progress:
+        for builder in builders.values():
+            builder.run(pool, progress)
     return finish(data, out, opts, builders, ranges, build_args or {})
 
 

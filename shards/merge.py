@@ -16,7 +16,6 @@ that cannot be renumbered in place, such as one of a part built before ids were 
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import os
 import shutil
 import tarfile
@@ -43,6 +42,7 @@ from shards.format import (
     write_json_atomic,
 )
 from shards.manifest import make_manifest
+from shards.pool import worker_pool
 
 USTAR_MAGIC = b"ustar\x0000"
 
@@ -271,10 +271,9 @@ def merge(out: Path, workers: int = 1, keep_parts: bool = False, show_progress: 
         p.dst in finished and Path(p.dst).is_file() and Path(p.dst).with_suffix(".idx").is_file()
         and Path(p.dst).stat().st_size == finished[p.dst]["bytes"])]
     # forked before the progress bar's thread starts
-    pool = mp.get_context("fork").Pool(workers, _init_worker, (classes,)) if workers > 1 and len(todo) > 1 else None
-    if pool is None:
-        _init_worker(classes)
-    try:
+    with worker_pool(workers if len(todo) > 1 else 1, _init_worker, (classes,)) as pool:
+        if pool is None:
+            _init_worker(classes)
         with progress_bar(unit="shard", disable=not show_progress) as progress, open(journal, "a") as log:
             bar = progress.add_task("merge", total=len(placements), completed=len(placements) - len(todo))
             results = pool.imap(place, todo) if pool else map(place, todo)
@@ -285,10 +284,6 @@ def merge(out: Path, workers: int = 1, keep_parts: bool = False, show_progress: 
                 written_bytes += written
                 log.flush()  # resumable: a placed tar is not placed again
                 progress.advance(bar)
-    finally:
-        if pool:
-            pool.terminate()
-            pool.join()
     splits: dict = {s: {"shards": [], "rest": first["splits"][s]["rest"]} for s in first["splits"]}
     for p in placements:
         splits[p.split]["shards"].append(finished[p.dst])

@@ -189,13 +189,11 @@ def fabricate_parts(out: Path, sizes: dict[str, int], parts: int, workers: int =
                     shard_size: int = 2000, seed: int = 1200) -> int:
     """The parts of an array build of an OpenImages-shaped set written directly (no reader, no image check):
     tiny JPEGs, sparse labels, every input written. For timing ``merge`` and ``verify`` at a million samples."""
-    import multiprocessing as mp
+    from shards.pool import pool_map, worker_pool
 
     tasks = [(Path(out), sizes, part, parts, classes, shard_size, seed) for part in range(parts)]
-    if workers > 1:
-        with mp.get_context("fork").Pool(workers) as pool:
-            return sum(pool.map(_fabricate_part, tasks, chunksize=1))
-    return sum(map(_fabricate_part, tasks))
+    with worker_pool(workers) as pool:
+        return sum(pool_map(pool, _fabricate_part, tasks))
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -7,7 +7,6 @@ the report is the serial one, line for line.
 from __future__ import annotations
 
 import json
-import multiprocessing as mp
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -28,6 +27,7 @@ from shards.format import (
 )
 from shards.images import Rejected, check_jpeg
 from shards.manifest import finish_counts, listed_counts
+from shards.pool import worker_pool
 
 
 def dali_index(tar_path: Path) -> str:
@@ -106,10 +106,9 @@ def verify(root: Path, decode: bool = True, workers: int = 1, show_progress: boo
             tasks.append(ShardTask(str(root), split, sh, first, decode, count_labels[split]))
             first += sh["num_samples"]
     total = sum(s["num_samples"] for s in manifest["splits"].values())
-    pool = mp.get_context("fork").Pool(workers, _init_worker, (classes,)) if workers > 1 and len(tasks) > 1 else None
-    if pool is None:
-        _init_worker(classes)
-    try:
+    with worker_pool(workers if len(tasks) > 1 else 1, _init_worker, (classes,)) as pool:
+        if pool is None:
+            _init_worker(classes)
         with progress_bar(disable=not show_progress) as progress:
             bar = progress.add_task("verify", total=total)
             reports = iter(pool.imap(check_shard, tasks) if pool else map(check_shard, tasks))
@@ -133,10 +132,6 @@ def verify(root: Path, decode: bool = True, workers: int = 1, show_progress: boo
                                         info["rest"])
                     if got != manifest["train_counts"]:
                         errors.append("train_counts in manifest.json differ from the labels in the train shards")
-    finally:
-        if pool is not None:
-            pool.terminate()
-            pool.join()
     for split, c in manifest.get("inputs", {}).items():
         if c["inputs"] != c["written"] + c["rejected"] + c["missing"]:
             errors.append(f"split {split}: inputs {c['inputs']} != written + rejected + missing ({c})")

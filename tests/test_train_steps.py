@@ -75,9 +75,11 @@ def _spy_worker(rank: int, world: int, port: int, shards: str, out_dir: str, sch
         setattr(torch.Tensor, name, spied(name, fn, anywhere=False))
     dist.all_reduce = spied("all_reduce", original_all_reduce, anywhere=True)
     trainer_module.train_step = marked_step
+    stop = trainer_module.StopRequested()
     try:
-        assert trainer._train_epoch(trainer_module.StopRequested())  # the loop only: validation syncs by design
+        assert trainer._train_epoch(stop)  # the loop only: validation syncs by design
     finally:
+        stop.restore()
         trainer.log.close()
         for name, fn in originals.items():
             setattr(torch.Tensor, name, fn)
