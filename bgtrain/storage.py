@@ -172,14 +172,14 @@ def write_bytes(location: str | os.PathLike, data: bytes, retry: Retry = DEFAULT
     """
     location = str(location)
     if not is_remote(location):
-        path = Path(location)
-        tmp = path.with_name(f".{path.name}.tmp{os.getpid()}")
+        target = Path(location)
+        tmp = target.with_name(f".{target.name}.tmp{os.getpid()}")
         try:
             with open(tmp, "wb") as f:
                 f.write(data)
                 f.flush()
                 os.fsync(f.fileno())
-            os.replace(tmp, path)
+            os.replace(tmp, target)
         finally:
             tmp.unlink(missing_ok=True)
         return
