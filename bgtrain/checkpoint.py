@@ -10,10 +10,19 @@ reads the checkpoint once per rank: :func:`load` checks every member's CRC on th
 ``resume: latest`` takes the newest of them that loads (saying which it skipped and why), and only
 they are pruned to the last K. :func:`prepare_resume` decides, before training starts, whether a run
 may start or resume in its ``out_dir``. Everything is loaded with ``weights_only=True``.
+
+With ``checkpoint.mirror`` (a URL) the background write also uploads each step checkpoint to
+``<mirror>/checkpoints/``, and only then writes its ``step-N.pt.complete`` marker (size, sha256, step, whether it
+was the best): an object without a marker, or whose size disagrees with it, is never resumed from. The mirror keeps
+its own ``history.json`` and a ``best.json`` naming the best step object (kept while it is the best, since an
+object store has no hard links), and is pruned to the last K like the folder (marker first, then object).
+``resume: latest`` falls back to the mirror when the folder has no checkpoint that loads, downloading the newest
+complete one (and the best one) into the folder.
 """
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import io
 import json
 import os
@@ -30,11 +39,14 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bgtrain import storage
 from bgtrain.cli import DataError, UsageError
 from bgtrain.config import ConfigError, TrainConfig, _build, to_dict
 
 _NAME = re.compile(r"^step-(\d{9})\.pt$")
 HISTORY = "history.json"
+COMPLETE = ".complete"   # the marker object beside a mirrored step checkpoint, written once it is fully uploaded
+BEST_JSON = "best.json"  # the mirror's best.pt: which step object is the best
 RUN_FILES = ("metrics.jsonl", "results.json")   # what a run writes beside checkpoints/
 # Config keys whose change makes a resumed checkpoint meaningless: refused unless forced.
 RESUME_BREAKING = ("model.depth", "loss.scheme")
@@ -193,13 +205,35 @@ def set_rng_state(state: dict) -> None:
         torch.cuda.set_rng_state(state["cuda"])
 
 
-class CheckpointSaver:
-    """Owns ``<out_dir>/checkpoints``: step checkpoints, this run's history of them, the last K, ``best.pt``."""
+def _sha256(path: Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 20):
+            digest.update(chunk)
+    return digest.hexdigest()
 
-    def __init__(self, folder: str | Path, keep_last: int = 2) -> None:
+
+class MirrorError(Exception):
+    """An upload to the mirror that failed for good; its cause is the storage error."""
+
+    def __init__(self, url: str) -> None:
+        super().__init__(url)
+        self.url = url
+
+
+class CheckpointSaver:
+    """Owns ``<out_dir>/checkpoints``: step checkpoints, this run's history of them, the last K, ``best.pt``;
+    and with ``mirror`` (a URL) their copies under ``<mirror>/checkpoints``."""
+
+    def __init__(self, folder: str | Path, keep_last: int = 2, mirror: str | None = None) -> None:
         self.folder = Path(folder)
         self.keep_last = keep_last
+        self.mirror = storage.join(mirror, "checkpoints") if mirror else None   # the mirror's checkpoints/
         self.skipped: list[str] = []   # "PATH: reason" for each checkpoint `latest` passed over
+        self.notes: list[str] = []     # what a resume from the mirror did (downloads, unfinished uploads passed over)
+        self._mirror_best: str | None = None   # the step object the mirror's best.json names
+        self._mirror_best_read = False
+        self._mirror_kept: set[str] = set()    # pruned from this run's history but kept in the mirror as the best
         self._history: list[str] | None = None
         self._thread: threading.Thread | None = None   # the write in flight
         self._writing: Path | None = None
@@ -283,6 +317,157 @@ class CheckpointSaver:
             (self.folder / name).unlink(missing_ok=True)
         self._history = history[-self.keep_last:]
         _write_json(self.folder / HISTORY, {"steps": self._history})
+        if self.mirror is not None:
+            try:
+                self._upload(path, is_best, history)
+            except Exception as e:  # noqa: BLE001 - raised by wait() naming the checkpoint and the mirror
+                raise MirrorError(self.mirror) from e
+
+    def _url(self, name: str) -> str:
+        assert self.mirror is not None
+        return storage.join(self.mirror, name)
+
+    def _read_mirror_best(self) -> str | None:
+        """The step object the mirror's best.json names (read once; None when there is none)."""
+        if not self._mirror_best_read:
+            try:
+                self._mirror_best = str(json.loads(storage.read_bytes(self._url(BEST_JSON)))["file"])
+            except FileNotFoundError:
+                self._mirror_best = None
+            except (ValueError, KeyError, TypeError):
+                self._mirror_best = None   # rewritten at this run's next best
+            self._mirror_best_read = True
+        return self._mirror_best
+
+    def _remove_mirrored(self, name: str) -> None:
+        storage.remove(self._url(name + COMPLETE))   # marker first: a half-pruned checkpoint is never resumed from
+        storage.remove(self._url(name))
+
+    def _upload(self, path: Path, is_best: bool, history: list[str]) -> None:
+        """Mirror the step file just written: history (naming it), object, marker, best.json, pruning, history."""
+        best = self._read_mirror_best()
+        # The new name is recorded before its object exists (resume skips names without a marker), and the pruned
+        # names stay recorded until they are deleted, so a kill at any point leaves no object the history forgets.
+        storage.write_bytes(self._url(HISTORY), json.dumps({"steps": history}).encode())
+        url = self._url(path.name)
+        numbered = _NAME.match(path.name)
+        marker = {"step": int(numbered[1]) if numbered else None, "size": path.stat().st_size,
+                  "sha256": _sha256(path), "best": is_best}
+        storage.remove(url + COMPLETE)   # an abandoned run's marker for this name must not vouch for the new bytes
+        storage.upload(path, url)
+        storage.write_bytes(url + COMPLETE, json.dumps(marker).encode())
+        if is_best:
+            storage.write_bytes(self._url(BEST_JSON), json.dumps({"file": path.name, "step": marker["step"]}).encode())
+            self._mirror_best = path.name
+            if best is not None and best != path.name and best in self._mirror_kept:
+                self._remove_mirrored(best)   # kept only because it was the best
+                self._mirror_kept.discard(best)
+            best = path.name
+        for name in history[: -self.keep_last]:
+            if name == best:
+                self._mirror_kept.add(name)
+            else:
+                self._remove_mirrored(name)
+        storage.write_bytes(self._url(HISTORY), json.dumps({"steps": self._history}).encode())
+
+    def _mirror_history(self) -> tuple[list[str], bool]:
+        """The mirror's step objects, oldest first, and whether they come from its history.json."""
+        url = self._url(HISTORY)
+        try:
+            return [str(n) for n in json.loads(storage.read_bytes(url))["steps"]], True
+        except FileNotFoundError:
+            assert self.mirror is not None
+            return [n for n in storage.listdir(self.mirror) if _NAME.match(n)], False
+        except (ValueError, KeyError, TypeError) as e:
+            raise DataError(f"{url}: not a checkpoint history ({e}); delete it to use step numbers") from None
+
+    def _complete_marker(self, name: str) -> dict | None:
+        """The marker of a mirrored step object whose upload completed and whose size agrees; else None (noted)."""
+        url = self._url(name)
+        try:
+            marker = json.loads(storage.read_bytes(url + COMPLETE))
+            size, _ = int(marker["size"]), str(marker["sha256"])
+        except FileNotFoundError:
+            self.notes.append(f"passed over {url}: no {COMPLETE} marker (its upload did not finish)")
+            return None
+        except (ValueError, KeyError, TypeError) as e:
+            self._skip_mirrored(url, f"unreadable marker {url}{COMPLETE} ({e})")
+            return None
+        try:
+            actual = storage.size(url)
+        except FileNotFoundError:
+            self._skip_mirrored(url, "its marker exists but the object does not")
+            return None
+        if actual != size:
+            self._skip_mirrored(url, f"{actual} bytes, its marker says {size}")
+            return None
+        return marker
+
+    def _skip_mirrored(self, url: str, reason: str) -> None:
+        warnings.warn(f"skipped mirrored checkpoint {url}: {reason}", stacklevel=3)
+        self.skipped.append(f"{url}: {reason}")
+
+    def _download(self, name: str, marker: dict, path: Path) -> bool:
+        """Download a mirrored step object to ``path``; False (skipped, warned) if it is not the bytes marked."""
+        url = self._url(name)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        storage.download(url, path)
+        reason = why_unloadable(path)
+        if reason is None and _sha256(path) != marker["sha256"]:
+            reason = "its sha256 differs from its marker's"
+        if reason is not None:
+            path.unlink(missing_ok=True)
+            self._skip_mirrored(url, reason)
+            return False
+        return True
+
+    def fetch_latest(self) -> Path | None:
+        """``resume: latest`` without a local checkpoint: download the newest complete mirrored one into the folder.
+
+        Its history up to it becomes the folder's (and the mirror's, at the next save), and when its state has a
+        best epoch, the best checkpoint comes along as ``best.pt``. None when the mirror has no complete one.
+        """
+        names, recorded = self._mirror_history()
+        for i in reversed(range(len(names))):
+            name = names[i]
+            marker = self._complete_marker(name)
+            path = self.folder / name
+            if marker is None or not self._download(name, marker, path):
+                continue
+            self.notes.append(f"downloaded mirrored checkpoint {self._url(name)} to {path}")
+            try:
+                self._fetch_best(path, marker)
+            except BaseException:
+                path.unlink(missing_ok=True)   # a later `latest` must not take it without its best.pt
+                raise
+            # The pruned names after it stay listed, so this run's next save deletes them from the mirror.
+            self._history = names[: i + 1] if recorded else [name]
+            _write_json(self.folder / HISTORY, {"steps": self._history})
+            return path
+        return None
+
+    def _fetch_best(self, path: Path, marker: dict) -> None:
+        """Bring the mirror's best checkpoint of ``path``'s run to ``best.pt`` (the final test reads it)."""
+        best = peek(path).get("best") or {}
+        dst = self.folder / "best.pt"
+        if not best.get("epoch") or (dst.is_file() and why_unloadable(dst) is None and peek(dst).get("best") == best):
+            return
+        if marker.get("best"):   # written as the best: best.json may not have been updated before a kill
+            link_atomically(path, dst)
+            return
+        name = self._read_mirror_best()
+        named = self._complete_marker(name) if name is not None else None
+        found = downloaded = False
+        if name is not None and named is not None and named.get("best"):
+            downloaded = self._download(name, named, dst)
+            found = downloaded and peek(dst).get("best") == best
+        if not found:
+            if downloaded:
+                dst.unlink(missing_ok=True)
+            raise DataError(f"checkpoint.resume: the best epoch so far ({best['epoch']}, val mAP "
+                            f"{best.get('val_map', float('nan')):.2f}) of {self._url(path.name)} is not in "
+                            f"{self._url(BEST_JSON)} (missing, or names another epoch's checkpoint)")
+        self.notes.append(f"downloaded mirrored best checkpoint {self._url(str(name))} to {dst}")
 
     def check(self) -> None:
         """Raise a background write that failed, naming its path; cheap enough for every step."""
@@ -290,12 +475,15 @@ class CheckpointSaver:
             self.wait()
 
     def wait(self, raise_error: bool = True) -> None:
-        """Wait for the write in flight; raise it, naming the path, if it failed (unless ``raise_error`` is False,
-        for a run that is already failing and must not hide its own error behind this one)."""
+        """Wait for the write in flight (and its upload); raise it, naming the path, if it failed (unless
+        ``raise_error`` is False, for a run that is already failing and must not hide its own error behind this one)."""
         if self._thread is not None:
             self._thread.join()
             self._thread = None
         error, self._error = self._error, None
+        if isinstance(error, MirrorError) and raise_error:
+            cause = error.__cause__ or error
+            raise DataError(f"checkpoint {self._writing} was not uploaded to {error.url}: {cause}") from cause
         if error is not None and raise_error:
             reason = error.strerror if isinstance(error, OSError) and error.strerror else str(error)
             raise DataError(f"checkpoint {self._writing} was not written: {reason}") from error
@@ -305,6 +493,8 @@ class CheckpointSaver:
         if resume is None:
             return None
         path = self.latest() if resume == "latest" else Path(resume)
+        if path is None and resume == "latest" and self.mirror is not None:
+            path = self.fetch_latest()
         if path is None:
             return None
         if not path.is_file():
@@ -448,7 +638,7 @@ def prepare_resume(cfg: TrainConfig, world_size: int, rank: int = 0, restarts: i
     chosen checkpoint in ``checkpoint.resume`` (or None: start from scratch).
     """
     out_dir = Path(cfg.out_dir)
-    saver = CheckpointSaver(out_dir / "checkpoints", cfg.checkpoint.keep_last)
+    saver = CheckpointSaver(out_dir / "checkpoints", cfg.checkpoint.keep_last, cfg.checkpoint.mirror)
     resume = cfg.checkpoint.resume
     if resume is None and restarts > 0:
         resume = "latest"  # a torchrun restart is this run's next attempt
@@ -457,7 +647,9 @@ def prepare_resume(cfg: TrainConfig, world_size: int, rank: int = 0, restarts: i
     notes += [f"skipped checkpoint {s}" for s in saver.skipped]
     own = path is not None and path.parent.resolve() == saver.folder.resolve()
     if path is None and resume == "latest" and notes:
-        raise DataError(f"checkpoint.resume=latest: no checkpoint in {saver.folder} loads ({'; '.join(notes)})")
+        where = f"{saver.folder} or {saver.mirror}" if saver.mirror else saver.folder
+        raise DataError(f"checkpoint.resume=latest: no checkpoint in {where} loads ({'; '.join(notes)})")
+    notes += saver.notes
     if not own and resume != "latest" and (leftovers := run_leftovers(out_dir)):
         if not overwrite:
             shown = ", ".join(str(p) for p in leftovers[:3]) + (" ..." if len(leftovers) > 3 else "")

@@ -19,6 +19,8 @@ from typing import Any, Literal
 
 import yaml
 
+from bgtrain.storage import is_remote
+
 Backend = Literal["webdataset", "dali"]  # data.backend
 Scheme = Literal["full", "AN", "LL-R", "LL-Ct", "LL-Cp", "LS", "ASL", "EPR", "ROLE", "EM", "EM-APL"]
 
@@ -94,7 +96,9 @@ class ModelConfig:
 
 @dataclass
 class DataConfig:
-    shards: str = setting("data/smoke", "shard folder with `manifest.json` (built by `python -m shards`)")
+    shards: str = setting("data/smoke", "shard folder with `manifest.json` (built by `python -m shards`), or its URL: "
+                                        "`s3://…`, `gs://…`, `http(s)://…` (credentials and endpoints from the store's "
+                                        "standard configuration, e.g. `AWS_ENDPOINT_URL`)")
     backend: Backend = setting("webdataset", "loader backend")
     decode: Literal["cpu", "gpu"] = setting(
         "cpu", "webdataset backend: `cpu` (PIL in loader workers) or `gpu` (nvJPEG via torchvision)")
@@ -114,6 +118,15 @@ class DataConfig:
     eval_batch_size: int = setting(64, "per rank, validation and test", low=1)
     max_corrupt_fraction: float = setting(
         0.001, "corrupt samples allowed per pass and rank before the run stops, naming the shard", low=0, high=1)
+    retry_s: float = setting(
+        120.0, "URL shards: seconds of retries (exponential backoff) allowed per read before the run stops, naming "
+               "the object; every retry is counted in the `data` records", low=0)
+    cache_dir: str | None = setting(
+        None, "URL shards: node-local folder keeping fetched shards, verified against the manifest's sha256 and "
+              "shared by the node's ranks and loader processes; null reads byte ranges straight from the store",
+    )
+    cache_gb: float = setting(100.0, "URL shards: size of `data.cache_dir`; least recently used shards go first",
+                              low=0, low_open=True)
 
 
 @dataclass
@@ -175,6 +188,9 @@ class CheckpointConfig:
     resume: str | None = setting(
         None, "`latest` or a checkpoint path; when null, a torchrun restart (`--max-restarts`) still resumes from "
               "`latest` instead of starting over")
+    mirror: str | None = setting(
+        None, "an `s3://`, `gs://` or other URL: checkpoints written under `out_dir` are uploaded there in the "
+              "background; `resume: latest` falls back to it when `out_dir` has none")
 
 
 @dataclass
@@ -319,6 +335,9 @@ def _validate(cfg: TrainConfig) -> None:
             if value not in allowed:
                 finite = "" if math.isfinite(value) else "a finite number "
                 raise ConfigError(f"{key.name}: got {value!r}, allowed {finite}{allowed}")
+    if cfg.checkpoint.mirror is not None and not is_remote(cfg.checkpoint.mirror):
+        raise ConfigError(f"checkpoint.mirror: got {cfg.checkpoint.mirror!r}, expected a URL (s3://bucket/prefix, "
+                          "gs://bucket/prefix, ...); local checkpoints already go to out_dir")
     # rules that tie two keys together
     if cfg.data.resampled and cfg.data.epoch_samples is None:
         raise ConfigError("data.epoch_samples: is required when data.resampled is true")

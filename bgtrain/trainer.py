@@ -175,7 +175,8 @@ class Trainer:
             self.log.add_sink(TensorBoardSink(self.out_dir))
             if cfg.log.cam_images:
                 self.epoch_cams = EpochCams(cfg, self.loader.num_classes, cfg.log.cam_images)
-        self.saver = ckpt.CheckpointSaver(self.out_dir / "checkpoints", cfg.checkpoint.keep_last)
+        self.saver = ckpt.CheckpointSaver(self.out_dir / "checkpoints", cfg.checkpoint.keep_last,
+                                          cfg.checkpoint.mirror)
         self.log.message(f"world {world.world_size} on {device}, engine {self.engine.name}, precision "
                           f"{cfg.engine.precision}, BoostLU op: {active_implementation(device)}, alpha train/eval "
                           f"{cfg.model.alpha_train}/{cfg.model.alpha_eval}")

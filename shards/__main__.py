@@ -14,6 +14,9 @@ EXAMPLES = """examples:
   python -m shards build voc --src data/raw/voc --out data/shards/voc --workers 8
   python -m shards build openimages --src data/raw/oi --images /scratch/oi/images --out data/shards/oi \\
       --part 3 --parts 64
+  python -m shards build openimages --src data/raw/oi --url-column Thumbnail300KURL --out data/shards/oi \\
+      --download-workers 32 --per-host 8
+  python -m shards build csv --src data/raw/mylist --out data/shards/mylist   # list rows may be https:// URLs
   python -m shards merge data/shards/oi --workers 8
   python -m shards verify data/shards/voc --workers 8
   python -m shards stats data/shards/voc
@@ -49,6 +52,26 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--part", type=int, default=0, help="array builds: this part, 0-based (default 0)")
     b.add_argument("--parts", type=int, default=1, help="array builds: number of parts; then run merge (default 1)")
     b.add_argument("--dry-run", action="store_true", help="read annotations and stat files only; write nothing")
+    d = b.add_argument_group(
+        "images from URLs",
+        "A csv list entry that starts with http:// or https://, or (openimages) the URL column of\n"
+        "{split}/images.csv, is downloaded into --download-dir before its split is built. A file is written\n"
+        "under DIR/.partial and renamed into place when complete: a killed build leaves no partial image, and a\n"
+        "rerun fetches only what is not there yet (nothing for shards already done). 5xx, 408, 429, resets,\n"
+        "timeouts and bodies shorter than their Content-Length are retried with exponential backoff; other\n"
+        "4xx are not. A URL that still fails is missing, with its error, in missing.jsonl.")
+    d.add_argument("--download-dir", type=Path, default=None, metavar="DIR",
+                   help="where downloaded images are kept between runs (default: OUT/downloads, shared by all "
+                        "--part runs); safe to delete once the build is done")
+    d.add_argument("--download-workers", type=int, default=16, metavar="N", help="downloads at a time (default 16)")
+    d.add_argument("--per-host", type=int, default=4, metavar="N", help="downloads at a time from one host (default 4)")
+    d.add_argument("--download-timeout", type=float, default=30.0, metavar="S",
+                   help="seconds to wait for the connection and for every read (default 30)")
+    d.add_argument("--download-retries", type=int, default=3, metavar="N",
+                   help="further tries after a transient failure (default 3)")
+    d.add_argument("--url-column", default=None, metavar="COLUMN",
+                   help="openimages: download the images from this column of {split}/images.csv (e.g. OriginalURL "
+                        "or Thumbnail300KURL); default: OriginalURL (or URL) when there is no image folder")
 
     m = sub.add_parser("merge", help="merge the parts of an array build", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter,
@@ -94,17 +117,23 @@ def _build(args: argparse.Namespace) -> int:
     from rich.console import Console
 
     from shards.build import BuildOptions, build, dry_run
+    from shards.download import DownloadOptions
     from shards.merge import part_dir
     from shards.readers import get_reader
 
     console = Console(stderr=True)
-    for name in ("max_side", "quality", "shard_size", "workers", "parts"):
-        if getattr(args, name) < (0 if name == "max_side" else 1):
+    for name in ("max_side", "quality", "shard_size", "workers", "parts", "download_workers", "per_host",
+                 "download_timeout", "download_retries"):
+        if getattr(args, name) < (0 if name in ("max_side", "download_retries") else 1e-9):
             raise UsageError(f"--{name.replace('_', '-')} must be positive, got {getattr(args, name)}")
     if not args.src.exists():
         raise UsageError(f"--src {args.src}: no such folder")
+    if args.url_column is not None and args.dataset != "openimages":
+        raise UsageError(f"--url-column is for openimages; a {args.dataset} list gives URLs as its image paths")
     data = get_reader(args.dataset)(args.src, seed=args.seed, images=args.images, classes=args.classes,
-                                    rest=args.rest)
+                                    rest=args.rest, url_column=args.url_column)
+    download = DownloadOptions(args.download_dir or args.out / "downloads", args.download_workers, args.per_host,
+                               args.download_timeout, args.download_retries)
     opts = BuildOptions(args.max_side or None, args.quality, args.shard_size, args.seed, args.part, args.parts)
     for note in data.notes:
         console.print(f"[yellow]note[/]: {note}")
@@ -115,12 +144,12 @@ def _build(args: argparse.Namespace) -> int:
             console.print(f"  {ex['kind']}: {ex['where']}: {ex['detail']}")
     if args.dry_run:
         print(json.dumps({"dataset": data.name, "classes": len(data.classes), "annotation_problems": problems,
-                          "splits": dry_run(data, opts)}, indent=1))
+                          "splits": dry_run(data, opts, download.folder)}, indent=1))
         return 0
     out = part_dir(args.out, args.part) if args.parts > 1 else args.out
-    build_args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items()
-                  if k not in ("command", "workers", "dry_run")}
-    m = build(data, out, opts, workers=args.workers, build_args=build_args)
+    tuning = ("command", "workers", "dry_run", "download_workers", "per_host", "download_timeout", "download_retries")
+    build_args = {k: str(v) if isinstance(v, Path) else v for k, v in vars(args).items() if k not in tuning}
+    m = build(data, out, opts, workers=args.workers, build_args=build_args, download=download)
     for split, c in m["inputs"].items():
         console.print(f"{split:>5}: {c['written']:,} written, {c['rejected']:,} rejected, {c['missing']:,} missing "
                       f"of {c['inputs']:,} ({c['reencoded']:,} re-encoded)")

@@ -5,6 +5,9 @@ shards in input order, so sample ids are 0..N-1 in written order and the bytes d
 number of workers. A shard is "done" when its tar and index exist and ``.done/{split}-NNNNNN.json``
 records its sha256; a re-run after a crash or Ctrl-C skips done shards and rewrites the rest, giving
 the same bytes as one clean build.
+
+Records whose path is an http(s) URL are first fetched into a download folder (``shards.download``), only for
+the shards that are not done yet; a URL that does not download is missing, with its error in missing.jsonl.
 """
 from __future__ import annotations
 
@@ -20,6 +23,7 @@ import numpy as np
 from rich.console import Console
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, ProgressColumn, TextColumn, TimeRemainingColumn
 
+from shards.download import DownloadOptions, download_all, is_url, local_path
 from shards.format import SampleLabels, ShardWriter, sample_key, shard_name, write_json_atomic
 from shards.images import Rejected, prepare
 from shards.manifest import make_manifest, train_counts
@@ -127,11 +131,14 @@ class SplitBuilder:
     """Writes one split of one part, resuming after its last done shard."""
 
     def __init__(self, out: Path, split: str, records: list[Record], classes: list[str], opts: BuildOptions,
-                 id_width: int = 0):
+                 id_width: int = 0, download: DownloadOptions | None = None):
         self.out, self.split, self.records, self.classes, self.opts = out, split, records, classes, opts
         self.id_width = id_width  # array parts: .json ids padded so that the merge renumbers them in place
         self.done_dir = out / ".done"
         self.done: list[dict] = []
+        self.download = download or DownloadOptions()
+        self.download_dir = Path(self.download.folder or out / "downloads")
+        self.failed: dict[int, dict] = {}  # position -> why its URL did not download
 
     def _done_path(self, k: int) -> Path:
         return self.done_dir / f"{self.split}-{k:06d}.json"
@@ -158,6 +165,8 @@ class SplitBuilder:
         self.done_dir.mkdir(parents=True, exist_ok=True)
         start = self.load_done()
         n = len(self.records)
+        if start < n:
+            self._fetch(start, progress)
         task = progress.add_task(f"{self.split}", total=n, completed=start)
         if start >= n:
             return
@@ -183,7 +192,10 @@ class SplitBuilder:
                         next_id += 1
                     else:
                         r = self.records[pos]
-                        cur[status].append({"pos": pos, "ref": r.ref, "path": r.path, "reason": payload})
+                        entry = {"pos": pos, "ref": r.ref, "path": r.path, "reason": payload}
+                        if status == "missing" and pos in self.failed:  # a URL that did not download
+                            entry.update(self.failed[pos])
+                        cur[status].append(entry)
                     progress.advance(task)
             if writer is not None:
                 self._close(writer, cur, k, end=n)
@@ -207,8 +219,27 @@ class SplitBuilder:
         write_json_atomic(self._done_path(k), cur)
         self.done.append(cur)
 
+    def _fetch(self, start: int, progress: Progress) -> None:
+        """Download the URL records from ``start`` on (those of done shards are not needed again)."""
+        urls = {i: p for i in range(start, len(self.records)) if is_url(p := self.records[i].path)}
+        if not urls:
+            return
+        task = progress.add_task(f"get {self.split}", total=len(set(urls.values())))
+        report = download_all(urls.values(), self.download_dir, self.download,
+                              lambda k: progress.advance(task, k))
+        self.failed = {i: {"reason": f"download failed: {f.error}", "error": f.error, "tries": f.tries}
+                       for i, url in urls.items() if (f := report.failures.get(url))}
+        if not progress.disable:
+            console.print(f"{self.split}: {report.fetched:,} downloaded, {report.present:,} already in "
+                          f"{self.download_dir}, {len(report.failures):,} failed (see missing.jsonl)")
+
+    def _source(self, i: int) -> str:
+        """The file record ``i`` is read from: its path, or where its URL was downloaded to."""
+        path = self.records[i].path
+        return str(local_path(self.download_dir, path)) if is_url(path) else path
+
     def _results(self, pool: mp.pool.Pool | None, start: int) -> Iterator[list]:
-        items = [(i, self.records[i].path) for i in range(start, len(self.records))]
+        items = [(i, self._source(i)) for i in range(start, len(self.records))]
         tasks = [(items[i: i + CHUNK], self.opts.max_side, self.opts.quality) for i in range(0, len(items), CHUNK)]
         if pool is None:
             yield from map(process_chunk, tasks)
@@ -239,8 +270,11 @@ def progress_bar(disable: bool = False, unit: str = "img") -> Progress:
 
 
 def build(data: DatasetRecords, out: Path, opts: BuildOptions, workers: int = 1, build_args: dict | None = None,
-          show_progress: bool = True) -> dict:
-    """Write the shards, index, reports and ``manifest.json`` of ``data`` (or of one part) into ``out``."""
+          show_progress: bool = True, download: DownloadOptions | None = None) -> dict:
+    """Write the shards, index, reports and ``manifest.json`` of ``data`` (or of one part) into ``out``.
+
+    URL records are downloaded as ``download`` says (default folder ``out/downloads``).
+    """
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     plan, ranges = plan_part(data, opts)
@@ -253,7 +287,7 @@ def build(data: DatasetRecords, out: Path, opts: BuildOptions, workers: int = 1,
     write_json_atomic(fp_path, {"fingerprint": fp, "options": asdict(opts)})
 
     width = {s: id_width(len(data.splits[s])) if opts.parts > 1 else 0 for s in plan}  # see shards.merge
-    builders = {s: SplitBuilder(out, s, recs, data.classes, opts, width[s]) for s, recs in plan.items()}
+    builders = {s: SplitBuilder(out, s, recs, data.classes, opts, width[s], download) for s, recs in plan.items()}
     with worker_pool(workers) as pool, progress_bar(disable=not show_progress) as progress:
         for builder in builders.values():
             builder.run(pool, progress)
@@ -297,11 +331,18 @@ def _write_text(path: Path, lines: list[str]) -> None:
     os.replace(tmp, path)
 
 
-def dry_run(data: DatasetRecords, opts: BuildOptions) -> dict:
-    """What a build would do, without decoding: inputs per split and files that do not exist."""
+def dry_run(data: DatasetRecords, opts: BuildOptions, download_dir: Path | None = None) -> dict:
+    """What a build would do, without decoding: inputs per split and files that do not exist.
+
+    URLs are not fetched: ``urls`` counts them and ``to_download`` those not yet in ``download_dir``.
+    """
     report = {}
     for split, recs in plan_part(data, opts)[0].items():
-        absent = sum(not os.path.exists(r.path) for r in recs)
+        urls = [r.path for r in recs if is_url(r.path)]
+        absent = sum(not is_url(r.path) and not os.path.exists(r.path) for r in recs)
         report[split] = {"inputs": len(recs), "missing": absent,
                          "shards": -(-(len(recs) - absent) // opts.shard_size)}
+        if urls:
+            report[split].update(urls=len(urls), to_download=sum(
+                download_dir is None or not local_path(download_dir, u).is_file() for u in urls))
     return report

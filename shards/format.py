@@ -32,6 +32,8 @@ from pathlib import Path
 
 import numpy as np
 
+from bgtrain import storage
+
 FORMAT_VERSION = "bgtrain-shards/1"
 HEADER = 5
 
@@ -276,12 +278,17 @@ class ShardIndex:
         """Where the last member's data ends: a tar shorter than this is truncated."""
         return max((off + size for m in self.members for off, size in m.values()), default=0)
 
+    def span(self, first: int, stop: int) -> tuple[int, int]:
+        """The byte range [start, end) holding the member data of samples ``first`` .. ``stop - 1``."""
+        ranges = [(off, off + size) for m in self.members[first:stop] for off, size in m.values()]
+        return (min(a for a, _ in ranges), max(b for _, b in ranges)) if ranges else (0, 0)
 
-def read_dali_index(path: str | os.PathLike) -> ShardIndex:
-    """Parse a ``.idx`` written by :class:`ShardWriter` or DALI's ``wds2idx`` (format v1.2)."""
-    path = Path(path)
+
+def read_dali_index(path: str | os.PathLike, retry: storage.Retry = storage.DEFAULT_RETRY) -> ShardIndex:
+    """Parse a ``.idx`` written by :class:`ShardWriter` or DALI's ``wds2idx`` (format v1.2); a local path or URL."""
+    path = str(path)
     try:
-        lines = path.read_text().splitlines()
+        lines = storage.read_bytes(path, retry).decode().splitlines()
     except FileNotFoundError:
         raise ShardError(f"{path}: index missing; rebuild the shards or run `wds2idx` (ships with DALI)") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -305,8 +312,9 @@ def read_dali_index(path: str | os.PathLike) -> ShardIndex:
     return ShardIndex(tuple(keys), tuple(members))
 
 
-def path_inside(root: str | os.PathLike, relative: str, source: str | os.PathLike) -> Path:
-    """``root / relative`` if ``relative`` stays inside ``root``; else a :class:`ShardError` naming it and ``source``.
+def path_inside(root: str | os.PathLike, relative: str, source: str | os.PathLike) -> str:
+    """``root/relative`` (a path or URL) if ``relative`` stays inside ``root``; else a :class:`ShardError` naming
+    it and ``source``.
 
     The check is on the name (no absolute path, no ``..``), so a shard folder may still hold
     symlinks its owner put there on purpose.
@@ -314,21 +322,23 @@ def path_inside(root: str | os.PathLike, relative: str, source: str | os.PathLik
     parts = Path(relative).parts if isinstance(relative, str) else ()
     if not parts or Path(relative).is_absolute() or ".." in parts or "\\" in relative:
         raise ShardError(f"{source}: path {relative!r} leaves the shard folder {root}; refusing to read it")
-    return Path(root) / relative
+    return storage.join(root, relative)
 
 
 def read_manifest(root: str | os.PathLike) -> dict:
-    """Load ``manifest.json`` from a shard folder; a missing, foreign or malformed one is a clear error.
+    """Load ``manifest.json`` from a shard folder or URL; a missing, foreign or malformed one is a clear error.
 
     Checked here, once, for every reader: the JSON parses to an object of this format, every split
     lists its shards with names and counts, and every path it names stays inside ``root``.
     """
-    path = Path(root) / "manifest.json"
-    if not path.is_file():
-        raise FileNotFoundError(f"{path}: no shard manifest here; build shards with `python -m shards build` "
-                                "or `python -m shards synthetic`")
+    path = storage.join(root, "manifest.json")
     try:
-        manifest = json.loads(path.read_text())
+        manifest = json.loads(storage.read_bytes(path))
+    except FileNotFoundError:
+        raise FileNotFoundError(f"{path}: no shard manifest here; build shards with `python -m shards build` "
+                                "or `python -m shards synthetic`") from None
+    except IsADirectoryError:
+        raise FileNotFoundError(f"{path}: a folder, not a shard manifest") from None
     except json.JSONDecodeError as e:
         raise ShardError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
     except (OSError, UnicodeDecodeError) as e:
@@ -337,11 +347,11 @@ def read_manifest(root: str | os.PathLike) -> dict:
         raise ShardError(f"{path}: expected a JSON object, got {type(manifest).__name__}")
     if manifest.get("format") != FORMAT_VERSION:
         raise ValueError(f"{path}: format {manifest.get('format')!r}, expected {FORMAT_VERSION!r}")
-    _check_manifest(manifest, Path(root), path)
+    _check_manifest(manifest, str(root), path)
     return manifest
 
 
-def _check_manifest(manifest: dict, root: Path, path: Path) -> None:
+def _check_manifest(manifest: dict, root: str, path: str) -> None:
     if not isinstance(manifest.get("classes"), list):
         raise ShardError(f"{path}: 'classes' must be a list of class names")
     splits = manifest.get("splits")

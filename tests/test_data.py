@@ -185,7 +185,7 @@ def test_corrupt_sample_is_skipped_and_counted(tmp_path, smoke_shards):
                           CPU, train=True, seed=0)
     batches = list(loader)
     assert len(batches) == 3
-    assert loader.counts() == {"samples": 12, "corrupt": 1, "padding": 0}
+    assert loader.counts() == {"samples": 12, "corrupt": 1, "padding": 0, "retries": 0}
     seen = sorted(i for b in batches for i in b.sample_id[b.valid].tolist())
     assert seen == [i for i in range(12) if i != 5]
 
@@ -408,7 +408,7 @@ def test_a_corrupt_row_moves_behind_the_valid_ones(tmp_path, smoke_shards):
     batches = list(loader)
     assert batches[1].num_valid == 3 and batches[1].sample_id.tolist()[:3] == [4, 6, 7]
     assert batches[1].valid.tolist() == [True, True, True, False]
-    assert loader.counts() == {"samples": 12, "corrupt": 1, "padding": 0}
+    assert loader.counts() == {"samples": 12, "corrupt": 1, "padding": 0, "retries": 0}
 
 
 # --- counts and refusals (issue: no silent wrong results) ------------------------------------------------------------
@@ -418,7 +418,7 @@ def test_counts_give_samples_and_padding_of_the_pass_and_reset_each_epoch(smoke_
     for rank in range(3):
         loader = build_loader(data_cfg(smoke_shards), "train", WorldInfo(rank, 3), CPU, train=True, seed=0)
         loader.set_epoch(1)
-        assert loader.counts() == {"samples": 0, "corrupt": 0, "padding": 0}
+        assert loader.counts() == {"samples": 0, "corrupt": 0, "padding": 0, "retries": 0}
         list(loader)
         c = loader.counts()
         assert c["samples"] + c["padding"] == 9 * 8 and c["corrupt"] == 0

@@ -2,6 +2,8 @@
 scoring pass re-plan inside the same processes and read exactly what a freshly built loader reads."""
 from __future__ import annotations
 
+from pathlib import Path
+
 import torch
 
 from bgtrain.config import DataConfig
@@ -57,7 +59,7 @@ def test_a_rank_touches_only_its_own_tars(smoke_shards, tmp_path):
     only_rank1 = sorted(own[1] - own[0])
     assert only_rank1, "the plan gives rank 1 a tar of its own"
     missing = loaders[1].info.shard_paths[only_rank1[0]]
-    missing.unlink()
+    Path(missing).unlink()
     assert sum(len(ids) for ids in ids_of(loaders[0], 1)) == loaders[0].plan().rank_samples(0)
     with pytest.raises(FileNotFoundError, match=f"^{missing}: listed in {root / 'manifest.json'} but missing$"):
         ids_of(loaders[1], 1)

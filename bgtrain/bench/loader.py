@@ -57,7 +57,7 @@ class FilesDataset(torch.utils.data.Dataset):
         return self.transform(image), torch.from_numpy(self.labels[i]), i
 
 
-def unpack(shard_paths: Iterable[Path], out: Path, num_classes: int) -> tuple[list[Path], np.ndarray]:
+def unpack(shard_paths: Iterable[str | Path], out: Path, num_classes: int) -> tuple[list[Path], np.ndarray]:
     """Extract every sample's JPEG to ``out`` and return the file paths with dense observed label rows."""
     paths, rows = [], []
     for tar in shard_paths:

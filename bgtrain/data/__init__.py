@@ -13,13 +13,15 @@ denominator is the whole pass, so an unlucky first batch does not stop a run tha
 from __future__ import annotations
 
 from collections import Counter
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
-from typing import Callable, Iterator
 
 import torch
 
+from bgtrain import storage
 from bgtrain.config import DataConfig
 from bgtrain.data.backend import Backend, RawBatch, ReaderFailure
+from bgtrain.data.cache import shard_cache
 from bgtrain.data.common import flip_mask, normalise, split_info
 from bgtrain.data.dali import DaliBackend
 from bgtrain.data.plan import EpochPlan, PlanSpec, SampleReaders, sample_readers
@@ -42,7 +44,7 @@ class Batch:
 
 
 # data.backend -> the backend; DALI itself is imported only when its pipeline is built.
-BACKENDS: dict[str, Callable[["Loader"], Backend]] = {"webdataset": WebDatasetBackend, "dali": DaliBackend}
+BACKENDS: dict[str, Callable[[Loader], Backend]] = {"webdataset": WebDatasetBackend, "dali": DaliBackend}
 
 
 class Loader:
@@ -53,7 +55,8 @@ class Loader:
                  label_set: str | None = None) -> None:
         self.cfg, self.world, self.device, self.train, self.seed = cfg, world, device, train, seed
         self.channels_last, self.dtype = channels_last, dtype
-        self.info = split_info(cfg.shards, split, label_set or (cfg.labels if train else "full"))
+        self.info = split_info(cfg.shards, split, label_set or (cfg.labels if train else "full"),
+                               storage.Retry(total_s=cfg.retry_s), shard_cache(cfg))
         self.batch_size = cfg.batch_size if train else cfg.eval_batch_size
         if cfg.decode == "gpu" and device.type != "cuda":
             raise ValueError("data.decode=gpu needs a CUDA device; use data.decode=cpu on this machine")
@@ -95,8 +98,9 @@ class Loader:
         return {"epoch": self.epoch, "batches_done": self.batches_done}
 
     def counts(self) -> dict[str, int]:
-        """This pass's samples read from shards, corrupt ones among them (invalid) and padding rows."""
-        return {k: self._counts[k] for k in ("samples", "corrupt", "padding")}
+        """This pass's samples read from shards, corrupt ones among them (invalid), padding rows, and the
+        transient storage errors retried while reading them."""
+        return {k: self._counts[k] for k in ("samples", "corrupt", "padding", "retries")}
 
     def _reset_counts(self) -> None:
         self._counts.clear()
@@ -159,6 +163,7 @@ class Loader:
         self._counts["samples"] += raw.real
         self._counts["padding"] += len(raw.valid) - raw.real
         self._counts["corrupt"] += len(corrupt)
+        self._counts["retries"] += raw.retries
         for shard, key in corrupt:
             self._corrupt_by_shard[shard] += 1
             self._examples.setdefault(shard, key)

@@ -6,8 +6,9 @@ Loader's, the same for every backend.
 """
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass, field, replace
-from typing import Iterator, Protocol
+from typing import Protocol
 
 import torch
 
@@ -39,8 +40,9 @@ class RawBatch:
     real: int                           # rows read from shards; the other rows are padding
     corrupt: list[tuple[str, str]] = field(default_factory=list)
     mirrored: bool = False              # the backend already applied the flip rule
+    retries: int = 0                    # transient storage errors retried while reading it (bgtrain.storage)
 
-    def pin_memory(self) -> "RawBatch":
+    def pin_memory(self) -> RawBatch:
         """Page-locked copies of the tensors (the DataLoader calls this with ``pin_memory=True``)."""
         image = self.image.pin_memory() if isinstance(self.image, torch.Tensor) else self.image
         return replace(self, image=image, pos=self.pos.pin_memory(), neg=self.neg.pin_memory(),

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import bisect
 import hashlib
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 from itertools import accumulate
 from pathlib import Path
@@ -14,6 +15,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
+from bgtrain import storage
+from bgtrain.data.cache import ShardCache
 from shards.format import LabelRows, ShardError, ShardIndex, path_inside, read_dali_index, read_manifest
 
 IMAGENET_MEAN = (0.485, 0.456, 0.406)
@@ -22,36 +25,58 @@ IMAGENET_STD = (0.229, 0.224, 0.225)
 
 @dataclass(frozen=True)
 class SplitInfo:
-    root: Path
+    root: str              # a folder or URL (bgtrain.storage)
     split: str
-    shard_paths: tuple[Path, ...]
+    shard_paths: tuple[str, ...]
     shard_sizes: tuple[int, ...]
     num_classes: int
     rest: int              # value of classes absent from the id lists for the chosen label set
     label_set: str         # "observed" or "full"
     dataset: str
     shard_bytes: tuple[int | None, ...] = ()  # tar sizes from the manifest (None: not recorded)
+    shard_sha256: tuple[str | None, ...] = ()
+    retry: storage.Retry = storage.DEFAULT_RETRY
+    cache: ShardCache | None = None  # remote shards only
 
     @property
     def num_samples(self) -> int:
         return sum(self.shard_sizes)
 
+    @property
+    def remote(self) -> bool:
+        return storage.is_remote(self.root)
+
     def shard_of(self, sample_id: int) -> int:
         """The shard holding ``sample_id``: ids are 0..N-1 in written order (shards.format)."""
         return min(bisect.bisect_right(list(accumulate(self.shard_sizes)), sample_id), len(self.shard_sizes) - 1)
+
+    def readable(self, shard: int) -> str:
+        """Where the shard's bytes are read from: its own location, or its node-local cache entry."""
+        tar = self.shard_paths[shard]
+        if self.cache is None or not self.remote:
+            return tar
+        return self.cache.local(tar, self._expected_bytes(shard), self.shard_sha256[shard] if self.shard_sha256
+                                else None)
+
+    def _expected_bytes(self, shard: int) -> int | None:
+        return self.shard_bytes[shard] if self.shard_bytes else None
 
     def checked_size(self, shard: int) -> int:
         """The tar's size, once it is known to be there and of the size the manifest records (when it does)."""
         tar = self.shard_paths[shard]
         try:
-            size = tar.stat().st_size
+            size = storage.size(tar, self.retry)
         except FileNotFoundError:
-            raise FileNotFoundError(f"{tar}: listed in {self.root / 'manifest.json'} but missing") from None
-        expected = self.shard_bytes[shard] if self.shard_bytes else None
+            raise FileNotFoundError(f"{tar}: listed in {storage.join(self.root, 'manifest.json')} but missing"
+                                    ) from None
+        expected = self._expected_bytes(shard)
         if expected is not None and size != expected:
             raise ShardError(f"{tar}: {size} bytes, manifest.json says {expected}; the copy is truncated or "
                              "replaced (check it with `python -m shards verify`)")
         return size
+
+    def index_location(self, shard: int) -> str:
+        return storage.with_suffix(self.shard_paths[shard], ".idx")
 
     def open_index(self, shard: int) -> ShardIndex:
         """The shard's DALI index, checked against the manifest and the tar's size before anything is read.
@@ -61,9 +86,9 @@ class SplitInfo:
         """
         tar = self.shard_paths[shard]
         size = self.checked_size(shard)
-        index = read_dali_index(tar.with_suffix(".idx"))
+        index = read_dali_index(self.index_location(shard), self.retry)
         if len(index) != self.shard_sizes[shard]:
-            raise ShardError(f"{tar.with_suffix('.idx')}: {len(index)} samples, manifest.json says "
+            raise ShardError(f"{self.index_location(shard)}: {len(index)} samples, manifest.json says "
                              f"{self.shard_sizes[shard]}")
         if index.end > size:
             raise ShardError(f"{tar}: {size} bytes, but its index has data up to byte {index.end}; the tar is "
@@ -72,34 +97,44 @@ class SplitInfo:
 
     def check_shards(self, shards: set[int]) -> None:
         """What can be checked of ``shards`` without reading them: each tar is there, of the size the manifest
-        records, and has its index. A stat per file; the readers parse an index when they reach its shard
-        (:meth:`open_index`), so a pass pays for what it reads."""
-        for shard in sorted(shards):
+        records, and has its index. A stat per file (a HEAD per object, several at a time, for a URL); the
+        readers parse an index when they reach its shard (:meth:`open_index`), so a pass pays for what it reads."""
+        def check(shard: int) -> None:
             self.checked_size(shard)
-            idx = self.shard_paths[shard].with_suffix(".idx")
-            if not idx.is_file():
+            idx = self.index_location(shard)
+            if not storage.exists(idx, self.retry):
                 raise ShardError(f"{idx}: index missing; rebuild the shards or run `wds2idx` (ships with DALI)")
 
+        if not self.remote:
+            for shard in sorted(shards):
+                check(shard)
+            return
+        with ThreadPoolExecutor(16) as pool:  # round trips, not bandwidth: overlap them
+            list(pool.map(check, sorted(shards)))
 
-def split_info(root: str | Path, split: str, label_set: str) -> SplitInfo:
-    """Read a split's shard list from the manifest, with a clear error for a missing split.
+
+def split_info(root: str | Path, split: str, label_set: str, retry: storage.Retry = storage.DEFAULT_RETRY,
+               cache: ShardCache | None = None) -> SplitInfo:
+    """Read a split's shard list from the manifest (a folder or URL), with a clear error for a missing split.
 
     Nothing here touches a tar: a rank stats and indexes only the shards its plan gives it, when it first
     reads them (:meth:`SplitInfo.open_index`, which names a missing or truncated tar), so that the cost of
     starting does not grow with the split's shard count, and a plan can be made before the tars are staged.
     """
-    root = Path(root)
+    root = str(root)
     manifest = read_manifest(root)
+    where = storage.join(root, "manifest.json")
     if split not in manifest["splits"]:
-        raise ValueError(f"{root / 'manifest.json'}: no split {split!r}; has {sorted(manifest['splits'])}")
+        raise ValueError(f"{where}: no split {split!r}; has {sorted(manifest['splits'])}")
     entry = manifest["splits"][split]
-    paths = tuple(path_inside(root / split, s["name"], root / "manifest.json") for s in entry["shards"])
+    paths = tuple(path_inside(storage.join(root, split), s["name"], where) for s in entry["shards"])
     rest = entry.get("rest", {}).get(label_set) if isinstance(entry.get("rest"), dict) else None
     if not isinstance(rest, int):
-        raise ShardError(f"{root / 'manifest.json'}: splits.{split}.rest.{label_set} must be -1 or 0")
+        raise ShardError(f"{where}: splits.{split}.rest.{label_set} must be -1 or 0")
     return SplitInfo(root, split, paths, tuple(s["num_samples"] for s in entry["shards"]),
                      len(manifest["classes"]), rest, label_set, str(manifest.get("dataset", "")),
-                     tuple(s.get("bytes") for s in entry["shards"]))
+                     tuple(s.get("bytes") for s in entry["shards"]), tuple(s.get("sha256") for s in entry["shards"]),
+                     retry, cache)
 
 
 def usable_labels(labels: LabelRows, info: SplitInfo) -> tuple[np.ndarray, np.ndarray, np.ndarray]:

@@ -31,11 +31,13 @@ corrections downstream are shared. What DALI's epochs guarantee, and how this mo
 """
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Iterator
+from collections.abc import Iterator
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
 
+from bgtrain import storage
 from bgtrain.data.backend import RawBatch
 from bgtrain.data.common import usable_labels
 from bgtrain.data.plan import EpochPlan, Piece
@@ -95,7 +97,7 @@ def _device_id(device: torch.device) -> int | None:
 class DaliBackend:
     """``data.backend: dali``: one DALI pipeline per rank and epoch; ``data.workers`` is its thread count."""
 
-    def __init__(self, loader: "Loader") -> None:
+    def __init__(self, loader: Loader) -> None:
         self.loader = loader
 
     def slots_per_rank(self) -> int:
@@ -141,7 +143,7 @@ class DaliBackend:
                                neg=torch.from_numpy(np.where(ok[:, None], neg, -1)),
                                sample_id=torch.from_numpy(np.where(ok, labels.sample_id, -1)),
                                valid=torch.from_numpy(valid), real=plan.rows[world.rank][step],
-                               corrupt=[(str(info.root / info.split), "a sample with an unreadable .lbl")] * int(
+                               corrupt=[(storage.join(info.root, info.split), "a sample with an unreadable .lbl")] * int(
                                    (~ok).sum()))
         except RuntimeError as e:
             raise ShardError(self._failure(plan, pieces, step, buffer, e)) from None

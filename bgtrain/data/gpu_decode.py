@@ -20,7 +20,7 @@ if TYPE_CHECKING:
     from bgtrain.data import Loader
 
 
-def decode_resize(jpegs: list[bytes], loader: "Loader") -> tuple[torch.Tensor, torch.Tensor]:
+def decode_resize(jpegs: list[bytes], loader: Loader) -> tuple[torch.Tensor, torch.Tensor]:
     """JPEG bytes -> (uint8 (B, S, S, 3) CUDA images, bool (B,) CPU "decoded" mask) for ``loader``'s epoch.
 
     A sample nvJPEG cannot decode (or an empty placeholder) gives a black image and ``False``, so the

@@ -24,15 +24,17 @@ import multiprocessing.context
 import os
 import select
 import threading
-from collections.abc import Iterable, Sequence
-from typing import TYPE_CHECKING, Any, Iterator
+from collections.abc import Iterable, Iterator, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
 from PIL import Image
 
+from bgtrain import storage
 from bgtrain.data.backend import RawBatch, ReaderFailure
 from bgtrain.data.common import SplitInfo, flip_decision, usable_labels
+from bgtrain.data.ranges import ShardRanges
 from bgtrain.data.plan import EpochPlan, Piece, PlanSpec, skipped_batches
 from shards.format import ShardError, decode_label_rows, pad_label_members
 
@@ -87,19 +89,15 @@ def read_samples(info: SplitInfo, pieces: tuple[Piece, ...], positions: Iterable
     for piece in pieces:
         end = first + len(piece)
         if p is not None and p < end:
-            path, index = info.shard_paths[piece.shard], info.open_index(piece.shard)
-            with open(path, "rb", buffering=1 << 20) as f:
+            index = info.open_index(piece.shard)
+            span = index.span(piece.start + max(0, p - first), piece.start + len(piece))
+            with ShardRanges(info.readable(piece.shard), span, info.retry) as tar:
                 while p is not None and p < end:
                     i = piece.start + p - first
-                    sample: dict = {"key": index.keys[i], "shard": str(path)}
+                    sample: dict = {"key": index.keys[i], "shard": info.shard_paths[piece.shard]}
                     for ext in WANTED:
                         where = index.members[i].get(ext)
-                        data = None
-                        if where is not None:
-                            f.seek(where[0])
-                            read = f.read(where[1])
-                            data = read if len(read) == where[1] else None
-                        sample[ext] = data
+                        sample[ext] = tar.read(*where) if where is not None else None
                     yield p, sample
                     p = next(wanted, None)
         first = end
@@ -120,6 +118,7 @@ class SlotStream(torch.utils.data.IterableDataset):
         self.position, self.decode = position, decode
         self.epoch, self.batches_done = 1, 0
         self._plan: tuple[int, EpochPlan] | None = None
+        self._retries_seen = storage.COUNTERS["retries"]
 
     @property
     def plan(self) -> EpochPlan:
@@ -187,7 +186,13 @@ class SlotStream(torch.utils.data.IterableDataset):
             neg=torch.from_numpy(_rows(np.where(ok[:, None], neg, -1), size)),
             sample_id=torch.from_numpy(sample_id), valid=torch.from_numpy(valid), real=n,
             corrupt=[(s["shard"], s["key"]) for s, good in zip(samples, ok) if not good],
-            mirrored=self.decode)
+            mirrored=self.decode, retries=self._retries_since_last())
+
+    def _retries_since_last(self) -> int:
+        """Retries this process made since the previous batch (the counter is per process)."""
+        now = storage.COUNTERS["retries"]
+        new, self._retries_seen = now - self._retries_seen, now
+        return new
 
     def _image(self, jpeg: bytes, sample_id: int) -> np.ndarray | bytes | None:
         if not self.decode:
@@ -246,7 +251,7 @@ def _rows(ids: np.ndarray, size: int) -> np.ndarray:
 class WebDatasetBackend:
     """``data.backend: webdataset``: ``data.workers`` loader processes per rank, PIL or nvJPEG decoding."""
 
-    def __init__(self, loader: "Loader") -> None:
+    def __init__(self, loader: Loader) -> None:
         self.loader = loader
         self._batches: torch.utils.data.DataLoader | None = None   # built at the first pass, then kept
         self._position: Any = [1, 0]   # (epoch, batches done): a shared-memory array once workers exist

@@ -2,7 +2,8 @@
 
 CSV cells hold class names (or integer ids) separated by ``;``; an optional header row starting with
 ``path`` is skipped. JSONL lines are ``{"path": ..., "positives": [...], "negatives": [...]}``. Paths are
-relative to ``--images`` (default: the folder of the list). Observed = full = what is listed; classes
+relative to ``--images`` (default: the folder of the list); a path that starts with ``http://`` or ``https://``
+is a URL, which the builder downloads (``shards.download``). Observed = full = what is listed; classes
 not listed are unknown or negative, per split: ``--rest negative``, ``--rest train=unknown,val=negative``.
 Without ``--rest``, train is unknown and a val/test list is unknown when it lists negatives itself, else
 negative (a note says so). A val/test split with no negative at all would score 100 mAP whatever the model,
@@ -16,6 +17,7 @@ import json
 from pathlib import Path
 
 from bgtrain.cli import DataError, UsageError
+from shards.download import is_url
 from shards.readers import DatasetRecords, Problems, Record, find_file
 
 SPLITS = ("train", "val", "test")
@@ -124,7 +126,7 @@ def read(src: Path, seed: int = 1200, problems: Problems | None = None, images: 
             seen.add(path)
             pos = _labels(pos_cells, index, where, problems)
             neg = tuple(c for c in _labels(neg_cells, index, where, problems) if c not in pos)
-            out.append(Record(str(images / path), path, pos, neg, pos, neg))
+            out.append(Record(path if is_url(path) else str(images / path), path, pos, neg, pos, neg))
         splits[split] = out
     if "train" not in splits:
         raise FileNotFoundError(f"{src}: no train.csv or train.jsonl")

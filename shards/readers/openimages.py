@@ -7,6 +7,11 @@ Observed = full = the verified labels (Confidence 1 positive, 0 negative), rest 
 both; ``validation`` becomes the split ``val``. Labels outside the trainable classes are dropped and
 counted; the images that were never downloaded are counted as missing by the builder.
 
+Or the builder downloads them: with ``--url-column COLUMN`` (e.g. ``OriginalURL`` or ``Thumbnail300KURL``) the
+image of each ImageID is the URL in that column of the published ``{split}/images.csv``; without it, when there
+is no image folder (no ``--images``, no ``SRC/images``), the first of ``URL_COLUMNS`` the list has is used. An
+ImageID with an empty cell is read from the image folder as before.
+
 Every part of an array build reads these files whole, so the reading is a scan: plain files (no quotes,
 as published) in numpy (``shards.readers.plaincsv``), others with the csv module, and a split is a
 sequence that builds a record only when a part indexes it.
@@ -18,18 +23,20 @@ import io
 from array import array
 from collections import Counter
 from collections.abc import Callable, Iterator, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import overload
 
 import numpy as np
 
+from shards.download import is_url
 from shards.readers import DatasetRecords, Problems, Record, find_file
 from shards.readers.plaincsv import byte_positions, gather, is_plain, line_bounds, read_padded, sorted_codes
 
 SPLITS = {"train": "train", "val": "validation", "test": "test"}
 REST = {"observed": -1, "full": -1}
 COLUMNS = ["ImageID", "Source", "LabelName", "Confidence"]
+URL_COLUMNS = ("OriginalURL", "URL", "url")   # tried in order when no image folder exists
 
 
 def _class_names(src: Path, mids: list[str], problems: Problems) -> list[str]:
@@ -93,6 +100,52 @@ class LabelledImages(Sequence[Record]):
         return len(self) == len(other) and all(a == b for a, b in zip(self, other))
 
     __hash__ = None  # type: ignore[assignment]
+
+
+class WithURLs(Sequence[Record]):
+    """A split's records with the path of each ImageID listed with a URL replaced by that URL."""
+
+    def __init__(self, records: Sequence[Record], urls: dict[str, str]) -> None:
+        self.records, self.urls = records, urls
+
+    def __len__(self) -> int:
+        return len(self.records)
+
+    @overload
+    def __getitem__(self, k: int) -> Record: ...
+
+    @overload
+    def __getitem__(self, k: slice) -> list[Record]: ...
+
+    def __getitem__(self, k: int | slice) -> Record | list[Record]:
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        r = self.records[k]
+        url = self.urls.get(r.ref)
+        return replace(r, path=url) if url else r
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+def _url_column(path: Path, wanted: str | None) -> str | None:
+    """The column of ``path`` (an images.csv) that holds the URLs: ``wanted``, or else the first of URL_COLUMNS."""
+    with open(path, newline="", encoding="utf-8") as f:
+        header = next(csv.reader(f), [])
+    if wanted is not None and wanted not in header:
+        raise ValueError(f"{path}: no column {wanted!r} (--url-column) in its header {header}")
+    return wanted or next((c for c in URL_COLUMNS if c in header), None)
+
+
+def _image_urls(path: Path, column: str) -> dict[str, str]:
+    """ImageID -> URL of an images.csv, for the rows whose ``column`` holds an http(s) URL."""
+    with open(path, newline="", encoding="utf-8") as f:
+        rows = csv.DictReader(f)
+        return {row["ImageID"]: url for row in rows if is_url(url := (row.get(column) or "").strip())}
 
 
 def _text(name: str | bytes) -> str:
@@ -311,10 +364,12 @@ def _split(src: Path, images: Path, split_dir: str, class_index: dict[str, int],
 
 
 def read(src: Path, seed: int = 1200, problems: Problems | None = None, images: Path | None = None,
-         **_: object) -> DatasetRecords:
-    """Records of OpenImages v3 from ``src``; images under ``images`` (default ``src/images``)."""
+         url_column: str | None = None, **_: object) -> DatasetRecords:
+    """Records of OpenImages v3 from ``src``; images under ``images`` (default ``src/images``), or the URLs of
+    ``url_column`` of the image lists (default: a URL column, when there is no image folder)."""
     problems = problems or Problems()
     src = Path(src).resolve()
+    use_urls = url_column is not None or (images is None and not (src / "images").exists())
     images = Path(images).resolve() if images else src / "images"
     trainable = find_file(src, ["classes-trainable.txt"], "OpenImages classes-trainable.txt")
     mids = [ln.strip() for ln in trainable.read_text().splitlines() if ln.strip()]
@@ -325,5 +380,17 @@ def read(src: Path, seed: int = 1200, problems: Problems | None = None, images: 
         known = {row[0] for row in csv.reader(f) if row}
     class_index = {m: i for i, m in enumerate(mids)}
     splits = {name: _split(src, images, d, class_index, known, problems) for name, d in SPLITS.items()}
+    notes = []
+    for name, d in SPLITS.items():
+        listing = src / d / "images.csv"
+        column = _url_column(listing, url_column) if use_urls and listing.is_file() else None
+        if column is not None:
+            urls = _image_urls(listing, column)
+            splits[name] = WithURLs(splits[name], urls)
+            notes.append(f"{d}: images downloaded from the URLs in column {column} of {listing} ({len(urls):,} "
+                         "listed with a URL)")
+        elif use_urls:
+            notes.append(f"{d}: no {'images.csv' if not listing.is_file() else 'URL column in ' + str(listing)}; "
+                         f"images are read from {_image_dir(images, d)}")
     return DatasetRecords("openimages", classes, splits, {s: dict(REST) for s in SPLITS}, problems,
-                          meta={"class_mids": mids})
+                          meta={"class_mids": mids}, notes=notes)
