@@ -72,8 +72,12 @@ def with_suffix(location: str, suffix: str) -> str:
 def _filesystem(url: str) -> tuple[Any, str]:
     import fsspec
 
-    # fsspec caches one instance per protocol and options, and makes a new one after a fork.
-    return fsspec.core.url_to_fs(url)
+    # fsspec caches one instance per protocol and options (and makes a new one after a fork): naming the
+    # endpoint in the options keeps a changed AWS_ENDPOINT_URL from reusing a client bound to the old one.
+    options = {}
+    if url.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
+        options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
+    return fsspec.core.url_to_fs(url, **options)
 
 
 def _permanent(error: BaseException) -> bool:
@@ -162,7 +166,11 @@ def exists(location: str | os.PathLike, retry: Retry = DEFAULT_RETRY) -> bool:
     if not is_remote(location):
         return os.path.exists(location)
     fs, path = _filesystem(location)
-    return bool(retried(location, lambda: fs.exists(path), retry))
+    try:  # not fs.exists: over HTTP it answers False for a 503 as for a 404
+        retried(location, lambda: fs.info(path), retry)
+    except FileNotFoundError:
+        return False
+    return True
 
 
 def write_bytes(location: str | os.PathLike, data: bytes, retry: Retry = DEFAULT_RETRY) -> None:

@@ -21,6 +21,15 @@ def smoke_shards(tmp_path_factory) -> Path:
     return out
 
 
+@pytest.fixture(scope="module")
+def s3_server():
+    """One moto S3 server per test module (it takes seconds to start on a busy machine), with the standard AWS
+    environment pointing at it for the module's tests (tests/servers.py)."""
+    from tests.servers import moto_s3
+    with pytest.MonkeyPatch.context() as mp, moto_s3(mp) as endpoint:
+        yield endpoint
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -106,8 +106,8 @@ http {{
 def moto_s3(monkeypatch: pytest.MonkeyPatch | None = None) -> Iterator[str]:
     """moto's S3 server on a loopback port, with the AWS environment pointing at it; yields the endpoint URL.
 
-    With ``monkeypatch`` the environment is set through it (undone after the test); without, it is set in
-    ``os.environ`` for the caller to pass to subprocesses (see :func:`s3_env`).
+    With ``monkeypatch`` the environment is set through it (undone after the test); without, nothing is set and
+    the caller hands :func:`s3_env` of the endpoint to whoever needs it (a subprocess).
     """
     pytest.importorskip("moto.server", reason="moto[server] is a test requirement (requirements-test.txt)")
     port = free_port()
@@ -177,7 +177,7 @@ class FaultProxy:
         with self._lock:
             self.requests += 1
             n = self.requests - self.after
-            if n <= 0 or n % self.every:
+            if n <= 0 or n % self.every or not self.faults:
                 return None
             fault = self.faults[(n // self.every - 1) % len(self.faults)]
             self.injected[fault] += 1
@@ -215,7 +215,9 @@ class FaultProxy:
                 for k, v in resp.getheaders():
                     if k.lower() not in ("connection", "keep-alive", "transfer-encoding", "content-length"):
                         self.send_header(k, v)
-                self.send_header("Content-Length", str(len(data)))
+                # a HEAD's length is the upstream's (it has no body here)
+                length = resp.getheader("Content-Length", "0") if self.command == "HEAD" else str(len(data))
+                self.send_header("Content-Length", length)
                 self.end_headers()
                 if fault in ("drop", "truncate") and self.command != "HEAD" and len(data) > 1:
                     self.wfile.write(data[: len(data) // 2])

@@ -19,25 +19,9 @@ from bgtrain import storage
 from bgtrain.cli import DataError
 from bgtrain.config import ConfigError, from_dict, load_config, to_dict
 from tests.conftest import REPO
-from tests.servers import make_bucket, moto_s3
+from tests.servers import make_bucket
 
 _buckets = itertools.count()
-
-
-def _clear_s3_instances() -> None:
-    """fsspec caches one S3 filesystem per process, bound to the endpoint it first saw: not across servers."""
-    s3fs = pytest.importorskip("s3fs")
-    s3fs.S3FileSystem.clear_instance_cache()
-
-
-@pytest.fixture(scope="module")
-def s3_server():
-    """One moto S3 server for the module (it takes seconds to start on a busy machine), the AWS env set to it."""
-    with pytest.MonkeyPatch.context() as mp:
-        _clear_s3_instances()
-        with moto_s3(mp) as endpoint:
-            yield endpoint
-        _clear_s3_instances()
 
 
 @pytest.fixture

@@ -10,6 +10,7 @@ import yaml
 
 from bgtrain.losses import LARGE_LOSS_DEFAULT_DELTA, large_loss_k
 from bgtrain.paper import published
+from shards.format import read_manifest
 
 
 @dataclass
@@ -164,10 +165,9 @@ def shard_manifest(run: Run) -> dict | None:
     if not shards:
         return None
     try:
-        manifest = json.loads((Path(shards) / "manifest.json").read_text())
-    except (OSError, json.JSONDecodeError):
+        return read_manifest(shards)
+    except (OSError, ValueError):  # the report is still written without group-wise figures
         return None
-    return manifest if isinstance(manifest, dict) else None
 
 
 def dataset_of(run: Run) -> str | None:
