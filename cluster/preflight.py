@@ -14,6 +14,12 @@ contiguous run of each split's shards). ``--full`` walks every tar header of eve
 the old default); ``--quick`` only reads each tar's first member, as before; ``python -m shards
 verify`` remains the thorough check (it decodes every image).
 
+A shard root may be a URL (``s3://``, ``gs://``, ``http(s)://``, read through :mod:`bgtrain.storage`). Then
+the default check is that ``manifest.json`` reads and that every tar of this node's share exists with the
+manifest's size, and its ``.idx`` too: a HEAD per object, 16 at a time, nothing fetched, and nothing asked
+of the tars other nodes read. ``--quick`` reads the first member of every tar (a range read each);
+``--full`` fetches every tar once and walks its headers in memory (nothing is written to disk).
+
 Ranks meet in a TCPStore that rank 0 hosts before any check starts. A node is waited for as long as
 its checks make progress: ``--timeout`` bounds the silence of a rank (one that never arrives, or stops
 reporting progress), not the spread between the fastest and the slowest node.
@@ -24,13 +30,15 @@ Works under torchrun (RANK, WORLD_SIZE, MASTER_ADDR, MASTER_PORT), under a plain
 from __future__ import annotations
 
 import argparse
+import io
 import os
 import shutil
 import socket
 import sys
 import tarfile
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import asdict, dataclass
 from datetime import timedelta
 from pathlib import Path
@@ -39,6 +47,7 @@ from typing import TYPE_CHECKING, Literal
 from rich.console import Console
 from rich.table import Table
 
+from bgtrain import storage
 from bgtrain.distributed import WorldInfo, world_info_from_env
 from shards.format import read_member
 
@@ -171,6 +180,55 @@ def check_listed(path: Path, entry: dict) -> None:
         raise ValueError(f"{size:,} bytes, its index has data up to byte {end:,} (truncated)")
 
 
+def _remote_listed(url: str, entry: dict) -> None:
+    """The object exists with the manifest's size, and its ``.idx`` exists: two HEADs, nothing fetched."""
+    size, want = storage.size(url), entry.get("bytes")
+    if isinstance(want, int) and size != want:
+        what = "truncated" if size < want else "replaced"
+        raise ValueError(f"{size:,} bytes, manifest.json says {want:,} ({what}; check it with "
+                         "`python -m shards verify`)")
+    idx = storage.with_suffix(url, ".idx")
+    if not storage.exists(idx):
+        raise ValueError(f"{idx.rsplit('/', 1)[-1]} missing; rebuild the shards or run `wds2idx` (ships with DALI)")
+
+
+def _remote_first_member(url: str, window: int = 1 << 20) -> None:
+    """The object is a tar whose first member reads: range reads of its first ``window`` bytes (and, for a
+    larger first member, of the rest of that member)."""
+    size = storage.size(url)
+    head = storage.read_range(url, 0, min(size, window)) if size else b""
+    with tarfile.open(fileobj=io.BytesIO(head), mode="r:") as tar:
+        member = tar.next()
+        if member is None:
+            raise ValueError("empty tar")
+        if not member.isfile():
+            raise ValueError(f"first member {member.name} is not a regular file")
+        end = member.offset_data + member.size
+        if end > size:
+            raise ValueError(f"{size:,} bytes, its first member needs {end:,} (truncated)")
+        if end > len(head):
+            storage.read_range(url, member.offset_data, member.size)
+        else:
+            read_member(tar, member)
+
+
+def _remote_tar(url: str, entry: dict) -> None:
+    """``--full`` for a URL: the object, fetched once into memory, is as long as the manifest says and its
+    headers walk to the manifest's sample count."""
+    size = storage.size(url)
+    want = entry.get("bytes")
+    if isinstance(want, int) and size < want:
+        raise ValueError(f"{size:,} bytes, manifest.json says {want:,} (truncated)")
+    data = storage.read_range(url, 0, size) if size else b""
+    keys: set[str] = set()
+    with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+        for m in tar:
+            if m.isfile():
+                keys.add(m.name.split(".", 1)[0])
+    if len(keys) != entry.get("num_samples", len(keys)):
+        raise ValueError(f"{len(keys)} samples, manifest.json says {entry['num_samples']}")
+
+
 @dataclass(frozen=True)
 class NodeShare:
     """Which shards this node reads first, whose first member the default check reads.
@@ -221,13 +279,17 @@ class NodeShare:
         return f"node {self.node + 1} of {self.nodes}: {how}"
 
 
-def check_shards(root: Path, world: WorldInfo, mode: Mode = "default", share: NodeShare | None = None,
+def check_shards(root: Path | str, world: WorldInfo, mode: Mode = "default", share: NodeShare | None = None,
                  beat: Callable[[str], None] | None = None) -> Check:
-    """manifest.json parses and its tars pass ``mode``'s check (module docstring); ``beat`` hears of each tar."""
+    """manifest.json parses and its tars pass ``mode``'s check (module docstring); ``beat`` hears of each tar.
+
+    ``root`` is a folder or a URL (a ``str``: pathlib folds ``s3://b`` into ``s3:/b``).
+    """
     from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
     from shards.format import read_manifest
 
+    remote = storage.is_remote(root)
     try:
         manifest = read_manifest(root)
     except (OSError, ValueError) as e:
@@ -240,28 +302,60 @@ def check_shards(root: Path, world: WorldInfo, mode: Mode = "default", share: No
         entries += [(split, s, mode == "quick" or i in mine) for i, s in enumerate(listed)]
     if not entries:
         return Check(world.rank, world.node, f"shards {root}", False, f"{root}/manifest.json lists no shards")
+    if remote and mode == "default":  # a HEAD costs a round trip: only this node's share is asked about
+        entries = [e for e in entries if e[2]]
     bad: list[str] = []
     columns = (TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn())
     verb = {"default": "checking", "full": "walking", "quick": "opening"}[mode]
+
+    def check(item: tuple[str, dict, bool]) -> str | None:
+        split, entry, read_first = item
+        where: Path | str = (storage.join(str(root), split, entry["name"]) if remote
+                             else _shard_path(Path(root), split, entry["name"]))
+        try:
+            if isinstance(where, str):
+                if mode == "full":
+                    _remote_tar(where, entry)
+                elif mode == "default":
+                    _remote_listed(where, entry)
+                else:
+                    _remote_first_member(where)
+                return None
+            if mode == "full":
+                check_tar(where, entry)
+            if mode == "default":
+                check_listed(where, entry)
+            if read_first:
+                _first_member(where)
+        except (OSError, tarfile.TarError, ValueError, AttributeError) as e:
+            text = str(e)  # storage's one-line errors name the URL already
+            return text if isinstance(where, str) and text.startswith(f"{where}:") else f"{where}: {text}"
+        return None
+
+    def results() -> Iterator[str | None]:
+        if not remote:
+            yield from map(check, entries)
+            return
+        with ThreadPoolExecutor(16 if mode != "full" else 4) as pool:  # round trips, not bandwidth: overlap them
+            yield from pool.map(check, entries)
+
     with Progress(*columns, console=console, transient=True) as progress:
-        for i, (split, entry, read_first) in enumerate(progress.track(entries, description=f"{verb} {root}")):
+        bar = progress.add_task(f"{verb} {root}", total=len(entries))
+        for i, problem in enumerate(results()):
             if beat:
                 beat(f"{root}: tar {i + 1} of {len(entries)}")
-            path = _shard_path(root, split, entry["name"])
-            try:
-                if mode == "full":
-                    check_tar(path, entry)
-                if mode == "default":
-                    check_listed(path, entry)
-                if read_first:
-                    _first_member(path)
-            except (OSError, tarfile.TarError, ValueError, AttributeError) as e:
-                bad.append(f"{path}: {e}")
+            if problem is not None:
+                bad.append(problem)
+            progress.advance(bar)
     if bad:
         more = f" (and {len(bad) - 3} more)" if len(bad) > 3 else ""
         return Check(world.rank, world.node, f"shards {root}", False,
                      f"{len(bad)}/{len(entries)} tars unreadable: " + "; ".join(bad[:3]) + more)
     splits = ", ".join(f"{k}: {v.get('num_samples', '?')}" for k, v in manifest.get("splits", {}).items())
+    if remote and mode == "default":
+        return Check(world.rank, world.node, f"shards {root}", True,
+                     f"{len(entries)} tars of this node's share there, with the manifest's sizes and their .idx "
+                     f"({share.describe()}) ({splits})")
     what = {"quick": " (first members read)",
             "full": ", sizes and sample counts as in the manifest (every header walked)",
             "default": f", sizes and .idx sample counts as in the manifest, first member of "
@@ -482,7 +576,8 @@ def run(args: argparse.Namespace) -> int:
         mode: Mode = "full" if args.full else "quick" if args.quick else "default"
         share = NodeShare.of(world, args.procs_per_node, cfg)
         beat = meeting.beat if meeting else None
-        checks += [check_shards(Path(s), world, mode, share, beat) for s in args.shards]
+        checks += [check_shards(s if storage.is_remote(s) else Path(s), world, mode, share, beat)
+                   for s in args.shards]  # a URL stays a str: pathlib folds s3://b into s3:/b
         if args.checkpoint_dir:
             checks.append(check_disk(Path(args.checkpoint_dir), args.min_free_gb, world))
     try:
@@ -516,15 +611,20 @@ def main(argv: list[str] | None = None) -> int:
         epilog="shard check: by default O(shards) per node, no tar read beyond one member: every tar's size\n"
                "against manifest.json, every .idx present with the manifest's sample count and its last entry\n"
                "inside the tar, and the first member of each tar in this node's share (its ranks' epoch-1 plan\n"
-               "with --config, else a contiguous run of each split). --full and --quick keep their old checks.\n\n"
+               "with --config, else a contiguous run of each split). --full and --quick keep their old checks.\n"
+               "A URL root (s3://, gs://, http(s)://): manifest.json reads, and each tar of this node's share and its\n"
+               ".idx exist, the tar with the manifest's size (HEADs, 16 at a time; no tar byte read).\n\n"
                "examples:\n"
                "  python -m cluster.preflight --shards data/smoke --checkpoint-dir runs/x\n"
                "  python -m cluster.preflight --shards data/smoke --full        # every tar header, as before\n"
                "  python -m cluster.preflight --config configs/smoke.yaml data.shards=/tmp/smoke\n"
+               "  python -m cluster.preflight --shards s3://bucket/shards/oi   # URL: HEADs of this node's share\n"
                "  torchrun --standalone --nproc_per_node=2 -m cluster.preflight --timeout 30\n"
                "  srun python -m cluster.preflight --shards /data/openimages --checkpoint-dir runs/slurm/$SLURM_JOB_ID")
-    parser.add_argument("--shards", action="append", default=[], metavar="DIR",
-                        help="shard folder with manifest.json to check (repeatable; default: the config's "
+    parser.add_argument("--shards", action="append", default=[], metavar="DIR|URL",
+                        help="shard folder with manifest.json to check, or its URL (s3://, gs://, http(s)://: "
+                             "then each node checks that its share's tars and .idx exist with the manifest's "
+                             "sizes, a HEAD each; --full fetches every tar) (repeatable; default: the config's "
                              "data.shards)")
     parser.add_argument("--checkpoint-dir", metavar="DIR",
                         help="folder checkpoints go to: created, write-tested (default: the config's out_dir)")
@@ -544,10 +644,12 @@ def main(argv: list[str] | None = None) -> int:
     depth = parser.add_mutually_exclusive_group()
     depth.add_argument("--full", action="store_true",
                        help="shards: walk every tar's headers on every node, checking its size and sample count "
-                            "(O(samples): the default before; `python -m shards verify` also decodes)")
+                            "(O(samples): the default before; `python -m shards verify` also decodes); a URL's "
+                            "tars are fetched, each once, into memory")
     depth.add_argument("--quick", action="store_true",
                        help="shards: only open every tar and read its first member, as before (kept for old "
-                            "scripts; the default below checks more and reads fewer first members)")
+                            "scripts; the default below checks more and reads fewer first members); a URL's by "
+                            "range reads")
     args = parser.parse_args(argv)
     # c10d logs each failed connect with a C++ stack trace; the table and message below say it better.
     os.environ.setdefault("TORCH_CPP_LOG_LEVEL", "FATAL")

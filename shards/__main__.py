@@ -19,10 +19,18 @@ EXAMPLES = """examples:
   python -m shards build csv --src data/raw/mylist --out data/shards/mylist   # list rows may be https:// URLs
   python -m shards merge data/shards/oi --workers 8
   python -m shards verify data/shards/voc --workers 8
+  python -m shards verify s3://bucket/shards/voc --workers 8   # or gs://, https://: each tar fetched once
   python -m shards stats data/shards/voc
   python -m shards bench --images data/raw/voc/VOCdevkit/VOC2012/JPEGImages --limit 500 --workers 2
   python -m shards synthetic --out data/smoke --classes 10 --train 200 --val 50 --test 50 --size 64
 """
+
+
+def _location(text: str) -> str:
+    """A shard folder: a URL kept as given (pathlib would fold ``s3://b`` into ``s3:/b``), a path normalised."""
+    from bgtrain import storage
+
+    return text if storage.is_remote(text) else str(Path(text))
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -86,17 +94,21 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--keep-parts", action="store_true",
                    help="keep OUT/parts after the merge verifies (its tars are hard links to the merged ones)")
 
-    v = sub.add_parser("verify", help="re-hash, decode and count everything", epilog=EXAMPLES,
+    v = sub.add_parser("verify", help="re-hash, decode and count everything (a folder or URL)", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    v.add_argument("out", type=Path)
+    v.add_argument("out", type=_location, metavar="OUT",
+                   help="shard folder, or its URL (s3://, gs://, http(s)://; credentials and endpoint from the "
+                        "store's standard configuration): each remote tar is fetched once into memory, one per "
+                        "worker at a time, and checked as a local one; nothing is written to disk")
     v.add_argument("--no-decode", action="store_true", help="skip decoding the JPEGs (hashes and counts only)")
     v.add_argument("--workers", type=int, default=os.cpu_count() or 1,
                    help="shards checked at a time, one process each (default: all cores); the report is the same "
                         "for any number")
 
-    s = sub.add_parser("stats", help="print the split and class tables", epilog=EXAMPLES,
+    s = sub.add_parser("stats", help="print the split and class tables (a folder or URL)", epilog=EXAMPLES,
                        formatter_class=argparse.RawDescriptionHelpFormatter)
-    s.add_argument("out", type=Path)
+    s.add_argument("out", type=_location, metavar="OUT",
+                   help="shard folder, or its URL (s3://, gs://, http(s)://): only manifest.json is read")
     s.add_argument("--top", type=int, default=15, help="rarest and commonest classes shown (default 15); 0: all")
 
     be = sub.add_parser("bench", help="builder img/s per core vs a plain PIL loop", epilog=EXAMPLES,

@@ -1,11 +1,15 @@
-"""``python -m shards stats OUT``: the split table and the per-class annotation table of a shard folder."""
+"""``python -m shards stats OUT``: the split table and the per-class annotation table of a shard folder.
+
+Both come from ``manifest.json`` alone, so ``OUT`` may as well be a URL (``s3://``, ``gs://``, ``http(s)://``).
+"""
 from __future__ import annotations
 
-from pathlib import Path
+import os
 
 from rich.console import Console
 from rich.table import Table
 
+from bgtrain import storage
 from shards.format import read_manifest
 
 
@@ -42,11 +46,12 @@ def class_table(manifest: dict, top: int | None = None) -> Table:
     return t
 
 
-def show(root: Path, top: int | None = 15, console: Console | None = None) -> None:
-    """Print both tables for the shard folder ``root``."""
+def show(root: str | os.PathLike, top: int | None = 15, console: Console | None = None) -> None:
+    """Print both tables for the shard folder (or URL) ``root``."""
     console = console or Console()
     m = read_manifest(root)
     console.print(split_table(m))
     console.print(class_table(m, top))
     if m.get("annotation_problems"):
-        console.print(f"annotation problems: {m['annotation_problems']} (examples in {Path(root) / 'problems.jsonl'})")
+        examples = storage.join(root, "problems.jsonl")
+        console.print(f"annotation problems: {m['annotation_problems']} (examples in {examples})")

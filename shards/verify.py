@@ -3,16 +3,25 @@
 Run it before a long training: DALI dies on one bad JPEG, and a wrong count or id silently breaks
 the LL-Cp correction store, which is keyed by sample id. ``--workers K`` checks K shards at a time;
 the report is the serial one, line for line.
+
+``OUT`` may be a URL (``s3://``, ``gs://``, ``http(s)://``, through :mod:`bgtrain.storage`): each tar must be
+hashed whole anyway, so a remote tar is fetched once into memory (one tar per worker at a time, retried on
+transient errors and checked against the object's size) and the same checks run on those bytes; nothing is
+written to disk. The report is the one a local copy gives, with the URL in place of the folder.
 """
 from __future__ import annotations
 
+import hashlib
+import io
 import json
+import os
 import tarfile
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
+from bgtrain import storage
 from shards.build import progress_bar
 from shards.format import (
     HEADER,
@@ -66,18 +75,38 @@ def _init_worker(classes: list[str]) -> None:
     _CLASSES = classes
 
 
+def _fetch(url: str) -> bytes:
+    """The whole object at ``url``, as long as the store says it is: a short read is retried, never returned."""
+    n = storage.size(url)
+    return storage.read_range(url, 0, n) if n else b""
+
+
 def check_shard(task: ShardTask) -> ShardReport:
     """Hash, walk and (optionally) decode one shard; its ids are expected from ``task.first_id``."""
     sh, split = task.shard, task.split
-    tar = Path(task.root) / split / sh["name"]
-    if not tar.is_file():
-        return ShardReport(task.first_id, [f"{tar}: missing"], 0)
+    data: bytes | None = None
+    if storage.is_remote(task.root):
+        tar: str | Path = storage.join(task.root, split, sh["name"])
+        try:
+            data = _fetch(str(tar))
+        except FileNotFoundError:
+            return ShardReport(task.first_id, [f"{tar}: missing"], 0)
+        except PermissionError:
+            raise  # the store refuses us: every shard would say so, the caller says it once
+        except OSError as e:  # retries ran out: name it, and keep the following ids aligned as for a bad tar
+            return ShardReport(task.first_id, [f"{e}; run verify again once the store answers"], sh["num_samples"])
+        digest = hashlib.sha256(data).hexdigest()
+    else:
+        tar = path = Path(task.root) / split / sh["name"]
+        if not path.is_file():
+            return ShardReport(task.first_id, [f"{tar}: missing"], 0)
+        digest = sha256_file(path)
     errors: list[str] = []
-    if sha256_file(tar) != sh["sha256"]:
+    if digest != sh["sha256"]:
         errors.append(f"{tar}: sha256 differs from manifest.json")
     labels: list[SampleLabels] = []
     try:
-        count = _check_tar(tar, split, _CLASSES, task.decode, task.first_id, labels, errors)
+        count = _check_tar(tar, split, _CLASSES, task.decode, task.first_id, labels, errors, data)
     except (tarfile.TarError, OSError, EOFError) as e:  # truncated or damaged: name it, go on
         errors.append(f"{tar}: unreadable tar ({e}); rebuild it (python -m shards build resumes)")
         count = -1
@@ -88,14 +117,14 @@ def check_shard(task: ShardTask) -> ShardReport:
     return ShardReport(task.first_id, errors, sh["num_samples"] if count < 0 else count, counts, n)
 
 
-def verify(root: Path, decode: bool = True, workers: int = 1, show_progress: bool = True) -> list[str]:
-    """Every problem found in the shard folder ``root``; empty when all is well.
+def verify(root: str | os.PathLike, decode: bool = True, workers: int = 1, show_progress: bool = True) -> list[str]:
+    """Every problem found in the shard folder ``root`` (a path or URL); empty when all is well.
 
     With ``workers`` > 1, shards are checked in a process pool, each expecting the ids the manifest gives
     it; a shard whose expected first id turns out otherwise (a tar before it lost samples) is checked
     again here, so the report is the serial one.
     """
-    root = Path(root)
+    root = str(root) if storage.is_remote(root) else str(Path(root))
     manifest = read_manifest(root)
     classes, errors = manifest["classes"], []
     count_labels = {s: s == "train" and "train_counts" in manifest for s in manifest["splits"]}
@@ -103,7 +132,7 @@ def verify(root: Path, decode: bool = True, workers: int = 1, show_progress: boo
     for split, info in manifest["splits"].items():
         first = 0
         for sh in info["shards"]:
-            tasks.append(ShardTask(str(root), split, sh, first, decode, count_labels[split]))
+            tasks.append(ShardTask(root, split, sh, first, decode, count_labels[split]))
             first += sh["num_samples"]
     total = sum(s["num_samples"] for s in manifest["splits"].values())
     with worker_pool(workers if len(tasks) > 1 else 1, _init_worker, (classes,)) as pool:
@@ -117,7 +146,7 @@ def verify(root: Path, decode: bool = True, workers: int = 1, show_progress: boo
                 for sh in info["shards"]:
                     report = next(reports)
                     if report.first_id != next_id:  # ids shifted by an earlier shard: check it as serial would
-                        report = check_shard(ShardTask(str(root), split, sh, next_id, decode, count_labels[split]))
+                        report = check_shard(ShardTask(root, split, sh, next_id, decode, count_labels[split]))
                     errors += report.errors
                     next_id += report.advance
                     progress.advance(bar, report.samples)
@@ -152,14 +181,15 @@ class _Sample:
     jpeg_error: str | None = None
 
 
-def _walk(tar: Path, decode: bool) -> tuple[list[_Sample], str]:
+def _walk(tar: str | Path, decode: bool, data: bytes | None = None) -> tuple[list[_Sample], str]:
     """The samples of a tar and the index wds2idx would write for it, in one pass (JPEGs checked if ``decode``).
 
-    A damaged tar raises here, before anything about its samples is reported.
+    The tar is the file ``tar``, or ``data`` when given (a fetched remote tar). A damaged tar raises here,
+    before anything about its samples is reported.
     """
     samples: list[_Sample] = []
     lines: list[list[str]] = []
-    with tarfile.open(tar, "r:") as t:
+    with (tarfile.open(tar, "r:") if data is None else tarfile.open(fileobj=io.BytesIO(data), mode="r:")) as t:
         for m in t:
             if not m.isfile():
                 continue
@@ -211,15 +241,36 @@ def _decode_all(members: list[bytes], num_classes: int) -> list[SampleLabels | s
     return out
 
 
-def _check_tar(tar: Path, split: str, classes: list[str], decode: bool, next_id: int, labels: list,
-               errors: list[str]) -> int:
-    """Check one tar's index and samples (ids from ``next_id``); returns how many samples it holds."""
-    idx = tar.with_suffix(".idx")
-    if not idx.is_file():
-        errors.append(f"{idx}: missing or not what wds2idx would write")
-    samples, index = _walk(tar, decode)
-    if idx.is_file() and idx.read_text() != index:
-        errors.append(f"{idx}: missing or not what wds2idx would write")
+def _read_index(idx: str) -> str | None:
+    """The text of a remote ``.idx`` as ``Path.read_text`` would give it locally; None when there is none."""
+    try:
+        data = storage.read_bytes(idx)
+    except FileNotFoundError:
+        return None
+    return data.decode(errors="replace").replace("\r\n", "\n").replace("\r", "\n")
+
+
+def _check_tar(tar: str | Path, split: str, classes: list[str], decode: bool, next_id: int, labels: list,
+               errors: list[str], data: bytes | None = None) -> int:
+    """Check one tar's index and samples (ids from ``next_id``); returns how many samples it holds.
+
+    ``data``: the bytes of a remote tar (``tar`` is then its URL, and its index is read beside it).
+    """
+    if data is None:
+        idx = Path(tar).with_suffix(".idx")
+        if not idx.is_file():
+            errors.append(f"{idx}: missing or not what wds2idx would write")
+        samples, index = _walk(tar, decode)
+        if idx.is_file() and idx.read_text() != index:
+            errors.append(f"{idx}: missing or not what wds2idx would write")
+    else:
+        url = storage.with_suffix(str(tar), ".idx")
+        text = _read_index(url)
+        if text is None:
+            errors.append(f"{url}: missing or not what wds2idx would write")
+        samples, index = _walk(tar, decode, data)
+        if text is not None and text != index:
+            errors.append(f"{url}: missing or not what wds2idx would write")
     whole = [s for s in samples if set(s.members) == {"jpg", "lbl", "json"}]
     decoded = dict(zip((id(s) for s in whole), _decode_all([s.lbl or b"" for s in whole], len(classes))))
     count = 0

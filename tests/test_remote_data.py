@@ -138,3 +138,13 @@ def test_a_missing_shard_object_is_one_line_naming_its_url(smoke_shards, tmp_pat
                                                     "but missing$"):
             loader.set_epoch(1)
             list(loader)
+
+
+@pytest.mark.parametrize("world", [2, 3])
+def test_dali_reads_the_same_batches_from_a_url_as_from_disk(smoke_shards, http_shards, tmp_path, world):
+    """DALI reads local files only: a URL shard's span is fetched into a sparse file (or the cache) first."""
+    pytest.importorskip("nvidia.dali", reason="nvidia-dali is a requirement (requirements.txt)")
+    for rank in range(world):
+        local = passes(str(smoke_shards), rank, world, backend="dali")
+        assert_same(local, passes(http_shards, rank, world, backend="dali"))
+        assert_same(local, passes(http_shards, rank, world, backend="dali", cache_dir=str(tmp_path / "cache")))

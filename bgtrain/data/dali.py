@@ -3,16 +3,17 @@
 It yields the same raw batches as the WebDataset backend, so labels, flips' rule, normalisation and
 corrections downstream are shared. What DALI's epochs guarantee, and how this module gets exactness:
 
-* **Coverage.** DALI reads the epoch plan's shard sequence (:mod:`bgtrain.data.plan`, one slot per
-  rank) and cuts it into ``world`` contiguous sample ranges, rank r reading [floor(N r/W),
-  floor(N (r+1)/W)): the plan's rank ranges exactly. The shard order is re-drawn from (seed, epoch)
-  for every epoch and is the same on every rank, so every sample is read by exactly one rank per
-  epoch, whatever the shard sizes or their count.
-* **Padding.** ``pad_last_batch=True`` repeats a rank's last sample until every rank has
-  ceil(ceil(N/W)/B) = ceil(N/(W B)) batches, the plan's steps (the iterator's ``reader_name`` makes
-  it stop there on every rank). A repeat is recognised by its sample id having been seen before in
-  this epoch on this rank and is marked ``valid=False``: each sample is valid exactly once. DALI
-  fills each batch before the next, so the plan for DALI is made with ``pad_at_end``.
+* **Coverage.** A rank's DALI reads exactly its range of the epoch plan (:mod:`bgtrain.data.plan`, one
+  slot per rank): one input per piece of the range, the piece's tar with an index listing only the
+  piece's samples (:func:`rank_inputs`). So every sample is read by exactly one rank per epoch, and
+  DALI, which opens every tar and index it is given before reading, opens only the rank's own: start-up
+  does not grow with the split's shard count. A URL shard is read from its node-local cache entry, or
+  its piece's byte span is fetched into a sparse local file first (DALI reads local files only).
+* **Padding.** ``pad_last_batch=True`` repeats the rank's last sample to fill its last batch; a rank
+  with a batch fewer than the plan's ceil(N/(W B)) steps gets an all-padding batch, so every rank
+  yields the same count. A repeat is recognised by its sample id having been seen before in this
+  epoch on this rank and is marked ``valid=False``: each sample is valid exactly once. DALI fills
+  each batch before the next, so the plan for DALI is made with ``pad_at_end``.
 * **Order.** A pipeline is built per epoch, seeded by (seed, epoch, rank). ``random_shuffle`` mixes
   samples inside a buffer of ``data.shuffle_buffer`` only, so shards must be written pre-shuffled
   (the shard builder does). Same seed, same order.
@@ -31,7 +32,11 @@ corrections downstream are shared. What DALI's epochs guarantee, and how this mo
 """
 from __future__ import annotations
 
+import os
+import tempfile
 from collections.abc import Iterator
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 import numpy as np
@@ -39,8 +44,9 @@ import torch
 
 from bgtrain import storage
 from bgtrain.data.backend import RawBatch
-from bgtrain.data.common import usable_labels
+from bgtrain.data.common import SplitInfo, usable_labels
 from bgtrain.data.plan import EpochPlan, Piece
+from bgtrain.data.ranges import REMOTE_BLOCK
 from bgtrain.data.wds import read_samples
 from shards.format import ShardError, decode_label_rows, pad_label_members
 
@@ -50,21 +56,40 @@ if TYPE_CHECKING:
 READER = "Reader"
 
 
-def index_paths(tars: list[str]) -> list[str]:
-    """The DALI index beside each tar, with a clear error naming the missing one."""
-    out = []
-    for tar in tars:
-        idx = tar[: -len(".tar")] + ".idx" if tar.endswith(".tar") else tar + ".idx"
-        try:
-            open(idx, "rb").close()
-        except OSError as e:
-            raise FileNotFoundError(f"{idx}: DALI index missing for {tar}; rebuild the shards or run "
-                                    "`wds2idx` (ships with DALI)") from e
-        out.append(idx)
-    return out
+def rank_inputs(info: SplitInfo, pieces: tuple[Piece, ...], folder: Path) -> tuple[list[str], list[str]]:
+    """(tars, indexes) for DALI to read ``pieces`` in order: local tars, and per piece an index of its samples.
+
+    The indexes (and any fetched spans) are written into ``folder``, which the caller removes after the pass.
+    """
+    def one(k: int, piece: Piece) -> tuple[str, str]:
+        index = info.open_index(piece.shard)  # checked against the manifest and the tar's size
+        lines = [" ".join(f"{ext} {off} {size} {index.keys[i]}.{ext}" for ext, (off, size) in index.members[i].items())
+                 for i in range(piece.start, piece.stop)]
+        idx = folder / f"{k:06d}.idx"
+        idx.write_text(f"v1.2 {len(lines)}\n" + "".join(line + "\n" for line in lines))
+        tar = info.readable(piece.shard)
+        if storage.is_remote(tar):
+            tar = _fetch_span(tar, index.span(piece.start, piece.stop), folder / f"{k:06d}.tar", info.retry)
+        return tar, str(idx)
+
+    with ThreadPoolExecutor(8 if info.remote else 1) as pool:  # URL pieces: overlap the round trips
+        inputs = list(pool.map(one, range(len(pieces)), pieces))
+    return [t for t, _ in inputs], [i for _, i in inputs]
 
 
-def build_pipeline(tars: list[str], *, rank: int, world: int, batch_size: int, image_size: int, threads: int,
+def _fetch_span(url: str, span: tuple[int, int], local: Path, retry: storage.Retry) -> str:
+    """A sparse local file holding ``url``'s bytes [start, end) at their own offsets: the index's offsets hold."""
+    start, end = span
+    fd = os.open(local, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+    try:
+        for at in range(start, end, REMOTE_BLOCK):
+            os.pwrite(fd, storage.read_range(url, at, min(REMOTE_BLOCK, end - at), retry), at)
+    finally:
+        os.close(fd)
+    return str(local)
+
+
+def build_pipeline(tars: list[str], indexes: list[str], *, batch_size: int, image_size: int, threads: int,
                    device_id: int | None, shuffle_buffer: int, seed: int):
     """The DALI pipeline: jpg + lbl members -> RGB decode -> resize to a square, padded int32 labels."""
     from nvidia.dali import fn, pipeline_def, types
@@ -74,9 +99,9 @@ def build_pipeline(tars: list[str], *, rank: int, world: int, batch_size: int, i
                   seed=seed, prefetch_queue_depth=2)
     def pipeline():
         jpg, lbl = fn.readers.webdataset(
-            paths=tars, index_paths=index_paths(tars), ext=["jpg", "lbl"], dtypes=[types.UINT8, types.INT32],
+            paths=tars, index_paths=indexes, ext=["jpg", "lbl"], dtypes=[types.UINT8, types.INT32],
             # the default yields empty tensors for a missing member, which crash the decoder
-            missing_component_behavior="skip", name=READER, shard_id=rank, num_shards=world,
+            missing_component_behavior="skip", name=READER, shard_id=0, num_shards=1,
             pad_last_batch=True, random_shuffle=shuffle_buffer > 1, initial_fill=max(1, shuffle_buffer))
         image = fn.decoders.image(jpg, device="cpu" if device_id is None else "mixed", output_type=types.RGB)
         # The paper's resize: both sides given, so no crop and no kept aspect ratio.
@@ -120,35 +145,47 @@ class DaliBackend:
         info.check_shards({p.shard for p in pieces})  # this rank's tars, before DALI reads them
         seed = int(np.random.default_rng([ld.seed, ld.epoch, world.rank]).integers(2**31 - 1))
         buffer = ld.cfg.shuffle_buffer if ld.train else 1
-        pipe = build_pipeline([str(info.shard_paths[s]) for s in plan.order], rank=world.rank,
-                              world=world.world_size, batch_size=plan.batch_size, image_size=ld.cfg.image_size,
-                              threads=ld.cfg.workers, device_id=_device_id(ld.device), shuffle_buffer=buffer,
-                              seed=seed)
-        iterator = DALIGenericIterator([pipe], ["image", "lbl"], reader_name=READER, auto_reset=False,
-                                       last_batch_policy=LastBatchPolicy.FILL)
         seen = np.zeros(info.num_samples, bool)
-        step = 0
-        try:
-            for step, outputs in enumerate(iterator):
-                if step >= plan.steps_per_epoch:
-                    break
-                out = outputs[0]
-                labels = decode_label_rows(out["lbl"].numpy())
-                pos, neg, ok = usable_labels(labels, info)
-                valid = ok.copy() if plan.resampled else _first_sightings(labels.sample_id, ok, seen)
-                if step < batches_done:  # resume: consumed already, but the seen-set must still learn it
-                    continue
-                # The image may be DALI's own reference-counted buffer: nothing downstream writes it.
-                yield RawBatch(image=out["image"], pos=torch.from_numpy(np.where(ok[:, None], pos, -1)),
-                               neg=torch.from_numpy(np.where(ok[:, None], neg, -1)),
-                               sample_id=torch.from_numpy(np.where(ok, labels.sample_id, -1)),
-                               valid=torch.from_numpy(valid), real=plan.rows[world.rank][step],
-                               corrupt=[(storage.join(info.root, info.split), "a sample with an unreadable .lbl")] * int(
-                                   (~ok).sum()))
-        except RuntimeError as e:
-            raise ShardError(self._failure(plan, pieces, step, buffer, e)) from None
-        finally:
-            del iterator, pipe
+        step = -1
+        with tempfile.TemporaryDirectory(prefix="bgtrain-dali-") as folder:
+            if pieces:
+                pipe = build_pipeline(*rank_inputs(info, pieces, Path(folder)), batch_size=plan.batch_size,
+                                      image_size=ld.cfg.image_size, threads=ld.cfg.workers,
+                                      device_id=_device_id(ld.device), shuffle_buffer=buffer, seed=seed)
+                iterator = DALIGenericIterator([pipe], ["image", "lbl"], reader_name=READER, auto_reset=False,
+                                               last_batch_policy=LastBatchPolicy.FILL)
+                try:
+                    for step, outputs in enumerate(iterator):
+                        if step >= plan.steps_per_epoch:
+                            break
+                        out = outputs[0]
+                        labels = decode_label_rows(out["lbl"].numpy())
+                        pos, neg, ok = usable_labels(labels, info)
+                        valid = ok.copy() if plan.resampled else _first_sightings(labels.sample_id, ok, seen)
+                        if step < batches_done:  # resume: consumed already, but the seen-set must still learn it
+                            continue
+                        # The image may be DALI's own reference-counted buffer: nothing downstream writes it.
+                        yield RawBatch(image=out["image"], pos=torch.from_numpy(np.where(ok[:, None], pos, -1)),
+                                       neg=torch.from_numpy(np.where(ok[:, None], neg, -1)),
+                                       sample_id=torch.from_numpy(np.where(ok, labels.sample_id, -1)),
+                                       valid=torch.from_numpy(valid), real=plan.rows[world.rank][step],
+                                       corrupt=[(storage.join(info.root, info.split),
+                                                 "a sample with an unreadable .lbl")] * int((~ok).sum()))
+                except RuntimeError as e:
+                    raise ShardError(self._failure(plan, pieces, step, buffer, e)) from None
+                finally:
+                    del iterator, pipe
+        # A rank with fewer samples than the others (or none) may have a batch fewer: all padding.
+        for _ in range(max(step + 1, batches_done), plan.steps_per_epoch):
+            yield self._padding(plan)
+
+    def _padding(self, plan: EpochPlan) -> RawBatch:
+        size, b = self.loader.cfg.image_size, plan.batch_size
+        device = self.loader.device if self.loader.device.type == "cuda" else torch.device("cpu")
+        return RawBatch(image=torch.zeros((b, size, size, 3), dtype=torch.uint8, device=device),
+                        pos=torch.full((b, 1), -1, dtype=torch.int32), neg=torch.full((b, 1), -1, dtype=torch.int32),
+                        sample_id=torch.full((b,), -1, dtype=torch.int64), valid=torch.zeros(b, dtype=torch.bool),
+                        real=0)
 
     def _failure(self, plan: EpochPlan, pieces: tuple[Piece, ...], step: int, buffer: int, error: Exception) -> str:
         """One line naming the shard and sample DALI failed on, found by checking what it could have read."""
