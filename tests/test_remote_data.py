@@ -148,3 +148,14 @@ def test_dali_reads_the_same_batches_from_a_url_as_from_disk(smoke_shards, http_
         local = passes(str(smoke_shards), rank, world, backend="dali")
         assert_same(local, passes(http_shards, rank, world, backend="dali"))
         assert_same(local, passes(http_shards, rank, world, backend="dali", cache_dir=str(tmp_path / "cache")))
+
+
+def test_the_loader_bench_compares_a_url_with_its_local_copy_and_the_cache(http_shards, capsys):
+    from bgtrain.bench.loader import main
+    assert main(["--shards", http_shards, "--backend", "webdataset", "files", "--batches", "2", "--batch-size", "8",
+                 "--workers", "0", "--image-size", "32"]) == 0
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert lines[0]["local_copy"]["bytes"] > 0
+    assert [(r["backend"], r["source"]) for r in lines[1:]] == [
+        ("webdataset", s) for s in ("local", "url", "url+cache cold", "url+cache warm")]
+    assert lines[1]["vs_local"] == 1.0 and all(r["img_per_s"] > 0 for r in lines[1:])

@@ -12,6 +12,10 @@ Example::
 
     python -m bgtrain.bench loader --synthetic 600 --source-size 512 --image-size 224 --batches 15
     python -m bgtrain.bench loader --shards data/voc --backend dali webdataset files --workers 2
+
+With ``--shards URL`` (``http(s)://``, ``s3://``, ``gs://``) the same shards are read three ways per backend: from
+a local copy (downloaded first, untimed), from the URL by byte range, and from the URL through a node-local cache
+(``data.cache_dir``), cold and then warm. Each line carries ``vs_local``, its ratio to the local read.
 """
 from __future__ import annotations
 
@@ -29,6 +33,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from bgtrain import storage
 from bgtrain.config import Backend, DataConfig
 from bgtrain.data import Batch, Loader, build_loader
 from bgtrain.data.common import IMAGENET_MEAN, IMAGENET_STD, split_info
@@ -144,6 +149,46 @@ def run(shards: Path, backends: Sequence[str], batches: int, batch_size: int, wo
     return records
 
 
+def run_remote(url: str, backends: Sequence[str], batches: int, batch_size: int, workers: int, image_size: int,
+               split: str = "train") -> list[dict]:
+    """Local copy vs URL vs URL through the cache (cold, warm), per backend; returns the JSON records."""
+    from shards.format import read_manifest
+
+    manifest = read_manifest(url)
+    records = []
+    with tempfile.TemporaryDirectory(prefix="bgtrain-bench-remote-") as tmp:
+        local, cache = Path(tmp) / "local", Path(tmp) / "cache"
+        (local / split).mkdir(parents=True)
+        started = time.perf_counter()
+        for entry in manifest["splits"][split]["shards"]:
+            for name in (entry["name"], storage.with_suffix(entry["name"], ".idx")):
+                storage.download(storage.join(url, split, name), local / split / name)
+        storage.write_bytes(str(local / "manifest.json"), storage.read_bytes(storage.join(url, "manifest.json")))
+        fetched = {"download_s": round(time.perf_counter() - started, 3),
+                   "bytes": sum(e.get("bytes", 0) for e in manifest["splits"][split]["shards"])}
+        print(json.dumps({"local_copy": fetched}), flush=True)
+        sources = (("local", str(local), None), ("url", url, None), ("url+cache cold", url, str(cache)),
+                   ("url+cache warm", url, str(cache)))
+        for backend in backends:
+            base = None
+            for source, shards, cache_dir in sources:
+                cfg = DataConfig(shards=shards, backend=cast(Backend, backend), image_size=image_size,
+                                 batch_size=batch_size, workers=workers, cache_dir=cache_dir,
+                                 shuffle_buffer=min(256, sum(e["num_samples"] for e in
+                                                             manifest["splits"][split]["shards"])))
+                stream = endless(build_loader(cfg, split, WorldInfo(), torch.device("cpu"), train=True, seed=0))
+                retries = storage.COUNTERS["retries"]
+                rec = {"backend": backend, "source": source, **_timed(stream, batches, batch_size),
+                       "batches": batches, "batch_size": batch_size, "workers": workers, "image_size": image_size}
+                del stream
+                base = base or rec["img_per_s"]
+                rec["vs_local"] = round(rec["img_per_s"] / base, 3)
+                rec["retries_in_process"] = storage.COUNTERS["retries"] - retries  # loader workers count their own
+                records.append(rec)
+                print(json.dumps(rec), flush=True)
+    return records
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     """CLI entry: ``python -m bgtrain.bench loader``."""
     parser = argparse.ArgumentParser(
@@ -153,7 +198,8 @@ def main(argv: Sequence[str] | None = None) -> int:
         epilog="example: python -m bgtrain.bench loader --synthetic 600 --source-size 512 --image-size 224 "
                "--batches 15 --backend dali webdataset files")
     src = parser.add_mutually_exclusive_group(required=True)
-    src.add_argument("--shards", type=Path, help="shard folder with manifest.json (from `python -m shards`)")
+    src.add_argument("--shards", help="shard folder with manifest.json (from `python -m shards`), or its URL "
+                                      "(s3://, gs://, http(s)://): then local vs URL vs URL+cache reads of it")
     src.add_argument("--synthetic", type=int, metavar="N",
                      help="build N synthetic training images into a temporary shard folder instead")
     parser.add_argument("--source-size", type=int, default=512, help="side of synthetic source images (512)")
@@ -170,8 +216,12 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = parser.parse_args(argv)
     if args.batches < 1 or args.batch_size < 1 or args.workers < 0:
         parser.error("--batches and --batch-size must be >= 1, --workers >= 0")
+    if args.shards is not None and storage.is_remote(args.shards):
+        backends = [b for b in args.backend if b != "files"] or ["webdataset"]
+        run_remote(args.shards, backends, args.batches, args.batch_size, args.workers, args.image_size, args.split)
+        return 0
     if args.synthetic is None:
-        run(args.shards, args.backend, args.batches, args.batch_size, args.workers, args.image_size, args.split)
+        run(Path(args.shards), args.backend, args.batches, args.batch_size, args.workers, args.image_size, args.split)
         return 0
     from shards.synthetic import build
     with tempfile.TemporaryDirectory(prefix="bgtrain-bench-shards-") as tmp:
