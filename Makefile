@@ -8,7 +8,7 @@ TEST_WORKERS ?= 2
 UNIT := -m "not slow and not distributed" -n $(TEST_WORKERS) --dist loadscope
 export OMP_NUM_THREADS ?= 1
 
-.PHONY: venv test test-fast lint typecheck demo smoke-data clean
+.PHONY: venv test-servers test test-fast lint typecheck demo smoke-data clean
 
 $(VENV)/.installed: requirements.txt requirements-test.txt pyproject.toml
 	test -x $(PY) || $(PYTHON) -m venv $(VENV)
@@ -23,15 +23,23 @@ data/smoke/manifest.json: | venv
 
 smoke-data: data/smoke/manifest.json
 
+# The storage tests serve shards from a real nginx on loopback (tests/servers.py): Debian's nginx-light, installed
+# here when missing and possible (root with apt-get); otherwise those tests skip, saying why.
+test-servers:
+	@command -v nginx >/dev/null || test -x /usr/sbin/nginx || { [ "$$(id -u)" = 0 ] && command -v apt-get >/dev/null \
+		&& (DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx-light >/dev/null 2>&1 \
+		|| (apt-get update -q >/dev/null 2>&1 && DEBIAN_FRONTEND=noninteractive apt-get install -y -q nginx-light \
+		>/dev/null 2>&1)) || echo "nginx-light could not be installed: the HTTP storage tests will skip"; }
+
 # Everything: the unit tier in parallel, then the end-to-end and multi-process tiers one test at a time, since
 # those start their own processes (torchrun ranks, Slurm jobs) and time out if they fight for two cores.
-test: venv
+test: venv test-servers
 	$(PY) -m pytest -q $(UNIT)
 	$(PY) -m pytest -q -m "slow or distributed"
 
 # The unit tier: no torchrun, no Slurm, no multi-process training (the `distributed` and `slow` markers); 90 s on
 # 2 cores with the extension cache warm (README, "Tests").
-test-fast: venv
+test-fast: venv test-servers
 	$(PY) -m pytest -q $(UNIT)
 
 lint: venv

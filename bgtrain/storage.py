@@ -77,7 +77,16 @@ def _filesystem(url: str) -> tuple[Any, str]:
     options = {}
     if url.startswith("s3://") and os.environ.get("AWS_ENDPOINT_URL"):
         options["endpoint_url"] = os.environ["AWS_ENDPOINT_URL"]
-    return fsspec.core.url_to_fs(url, **options)
+    fs, path = fsspec.core.url_to_fs(url, **options)
+    _HELD.setdefault(id(fs), fs)
+    return fs, path
+
+
+# Every filesystem this process made, held for its lifetime. A forked child empties fsspec's instance cache; an
+# instance only that cache held would then be collected in the child, and its finalizer close the parent's HTTP
+# connections there, taking their sockets out of the epoll set parent and child share: the parent's next read of
+# that server would hang until aiohttp's timeout (found by `shards verify --workers` on a URL).
+_HELD: dict[int, Any] = {}
 
 
 def _permanent(error: BaseException) -> bool:

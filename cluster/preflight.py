@@ -333,17 +333,22 @@ def check_shards(root: Path | str, world: WorldInfo, mode: Mode = "default", sha
         return None
 
     def results() -> Iterator[str | None]:
+        """Each entry's problem, in order; ``beat`` hears of each tar from this thread only."""
         if not remote:
-            yield from map(check, entries)
+            for i, item in enumerate(entries):
+                if beat:
+                    beat(f"{root}: tar {i + 1} of {len(entries)}")
+                yield check(item)
             return
         with ThreadPoolExecutor(16 if mode != "full" else 4) as pool:  # round trips, not bandwidth: overlap them
-            yield from pool.map(check, entries)
+            for i, problem in enumerate(pool.map(check, entries)):
+                if beat:
+                    beat(f"{root}: {i + 1} of {len(entries)} tars checked")
+                yield problem
 
     with Progress(*columns, console=console, transient=True) as progress:
         bar = progress.add_task(f"{verb} {root}", total=len(entries))
-        for i, problem in enumerate(results()):
-            if beat:
-                beat(f"{root}: tar {i + 1} of {len(entries)}")
+        for problem in results():
             if problem is not None:
                 bad.append(problem)
             progress.advance(bar)

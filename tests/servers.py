@@ -9,6 +9,7 @@
 """
 from __future__ import annotations
 
+import fcntl
 import http.client
 import os
 import shutil
@@ -54,14 +55,16 @@ def nginx_binary() -> str:
         pytest.skip(f"nginx is not installed and cannot be installed here (needs root and apt-get): "
                     f"apt-get install {NGINX_PACKAGE}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
-    for cmd in (["apt-get", "install", "-y", "-q", NGINX_PACKAGE], ["apt-get", "update", "-q"],
-                ["apt-get", "install", "-y", "-q", NGINX_PACKAGE]):
-        done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
-        if done.returncode == 0 and cmd[1] == "install":
-            break
+    with open("/tmp/bgtrain-nginx-install.lock", "w") as lock:
+        fcntl.flock(lock, fcntl.LOCK_EX)  # pytest-xdist workers: one apt-get at a time (dpkg's own lock fails)
+        for cmd in (["apt-get", "install", "-y", "-q", NGINX_PACKAGE], ["apt-get", "update", "-q"],
+                    ["apt-get", "install", "-y", "-q", NGINX_PACKAGE]):
+            if shutil.which("nginx", path="/usr/sbin"):
+                break
+            done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
     found = shutil.which("nginx", path="/usr/sbin")
     if not found:
-        pytest.skip(f"apt-get could not install {NGINX_PACKAGE}: {done.stderr.strip()[-300:]}")
+        pytest.skip(f"apt-get could not install {NGINX_PACKAGE}: {done.stderr.strip()[-300:]}")  # noqa: F821
     return found
 
 

@@ -15,6 +15,9 @@ from bgtrain.data.cache import ShardCache
 from bgtrain.distributed import WorldInfo
 from tests.servers import FaultProxy, make_bucket, nginx
 
+# A broken connection shows as a hang: fail in minutes, not at the suite's 30-minute limit.
+pytestmark = pytest.mark.timeout(300)
+
 CPU = torch.device("cpu")
 
 

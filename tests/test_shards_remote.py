@@ -19,6 +19,9 @@ from shards.stats import show
 from shards.verify import verify
 from tests.servers import FaultProxy, make_bucket, nginx
 
+# A broken connection shows as a hang: fail in minutes, not at the suite's 30-minute limit.
+pytestmark = pytest.mark.timeout(300)
+
 JPEG_TAR, CUT_TAR, GONE_TAR = "train/train-000001.tar", "val/val-000000.tar", "train/train-000002.tar"
 
 
@@ -35,7 +38,7 @@ def flip_a_jpeg_byte(tar: Path) -> None:
 
 @pytest.fixture(scope="module")
 def www(smoke_shards: Path, tmp_path_factory: pytest.TempPathFactory) -> Path:
-    """good/: the smoke shards; bad/: one JPEG byte flipped in one tar, another tar cut in half; gone/: a tar deleted."""
+    """good/: the smoke shards; bad/: a JPEG byte flipped in one tar, another tar cut in half; gone/: a tar deleted."""
     root = tmp_path_factory.mktemp("www")
     for name in ("good", "bad", "gone"):
         shutil.copytree(smoke_shards, root / name)

@@ -9,6 +9,9 @@ import pytest
 from bgtrain import storage
 from tests.servers import FaultProxy, make_bucket, moto_s3, nginx
 
+# A broken connection shows as a hang: fail in minutes, not at the suite's 30-minute limit.
+pytestmark = pytest.mark.timeout(300)
+
 PAYLOAD = bytes(range(256)) * 4096  # 1 MiB, every offset distinguishable
 
 

@@ -20,6 +20,7 @@ a local copy (downloaded first, untimed), from the URL by byte range, and from t
 from __future__ import annotations
 
 import argparse
+import gc
 import json
 import sys
 import tarfile
@@ -84,14 +85,17 @@ def unpack(shard_paths: Iterable[str | Path], out: Path, num_classes: int) -> tu
 
 
 def _timed(batches: Iterable, n: int, batch_size: int) -> dict:
-    """Images per second over ``n`` batches after the first (warm-up) one."""
+    """Images per second over ``n`` batches after the first (warm-up) one, and what that first one took (worker
+    start-up, pipeline build, and for DALI from a URL the staging of the pass's byte spans)."""
+    started = time.perf_counter()
     it = iter(batches)
     next(it)
     start = time.perf_counter()
     for _ in range(n):
         next(it)
     seconds = time.perf_counter() - start
-    return {"img_per_s": round(n * batch_size / seconds, 1), "seconds": round(seconds, 3)}
+    return {"img_per_s": round(n * batch_size / seconds, 1), "seconds": round(seconds, 3),
+            "first_batch_s": round(start - started, 3)}
 
 
 def endless(loader: Loader) -> Iterator[Batch]:
@@ -138,7 +142,8 @@ def run(shards: Path, backends: Sequence[str], batches: int, batch_size: int, wo
             rec = {"backend": backend, **_timed(stream, batches, batch_size), "batches": batches,
                    "batch_size": batch_size, "workers": workers, "image_size": image_size,
                    "epochs_wrapped": need > info.num_samples}
-            del stream  # ends its worker processes / pipeline before the next backend runs
+            del stream
+            gc.collect()  # the loader and its backend refer to each other: this ends its workers / pipeline now
             records.append(rec)
             print(json.dumps(rec), flush=True)
     base = next((r["img_per_s"] for r in records if r["backend"] == "files"), None)
@@ -181,6 +186,7 @@ def run_remote(url: str, backends: Sequence[str], batches: int, batch_size: int,
                 rec = {"backend": backend, "source": source, **_timed(stream, batches, batch_size),
                        "batches": batches, "batch_size": batch_size, "workers": workers, "image_size": image_size}
                 del stream
+                gc.collect()  # ends the loader's workers before the next source is timed (a reference cycle)
                 base = base or rec["img_per_s"]
                 rec["vs_local"] = round(rec["img_per_s"] / base, 3)
                 rec["retries_in_process"] = storage.COUNTERS["retries"] - retries  # loader workers count their own
