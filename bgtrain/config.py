@@ -175,6 +175,10 @@ class EngineConfig:
     sync_bn: bool = setting(False, "SyncBatchNorm under DDP (refused with `engine.engine: deepspeed`)")
     zero_stage: Literal[0, 1, 2] = setting(0, "DeepSpeed ZeRO stage (needs `engine.engine: deepspeed` above 0)")
     tf32: bool = setting(True, "TF32 matmul/cuDNN on GPUs (both engines)")
+    deterministic: bool = setting(
+        True, "deterministic kernels (`torch.use_deterministic_algorithms`): same seed, same numbers, and a resume "
+              "equal to the run that never stopped; `false` on CUDA turns on `cudnn.benchmark` instead (faster "
+              "convolutions, runs not bit-reproducible); the GPU cost is measured by `python -m bgtrain.gpu_check`")
     timeout_s: int = setting(
         300, "rendezvous and collective timeout in seconds; a rank that never arrives gets a message naming the "
              "address, and a watchdog ends a process-group start that hangs past it (so `torchrun --max-restarts` "

@@ -84,7 +84,6 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed)  # same on all ranks: identical initial weights even before DDP's broadcast
     np.random.seed(seed + rank)
     random.seed(seed + rank)
-    torch.use_deterministic_algorithms(True, warn_only=True)
 
 
 def score_split(engine: Engine, loader: Loader, counts: dict | None = None):

@@ -36,3 +36,17 @@ def test_the_train_command_says_so_in_one_line(tmp_path, smoke_shards):
     assert proc.returncode == 2
     assert proc.stderr.strip().splitlines()[-1].startswith("config error: engine.precision=fp16: runs ~40x slower")
     assert "Traceback" not in proc.stderr
+
+
+@pytest.mark.parametrize("deterministic", [True, False])
+def test_engine_deterministic_sets_torch_and_never_nan_fills(deterministic):
+    from bgtrain.engines.base import apply_determinism
+    before = (torch.are_deterministic_algorithms_enabled(), torch.utils.deterministic.fill_uninitialized_memory)
+    try:
+        apply_determinism(load_config(SMOKE, [f"engine.deterministic={str(deterministic).lower()}"]),
+                          torch.device("cpu"))
+        assert torch.are_deterministic_algorithms_enabled() is deterministic
+        assert torch.utils.deterministic.fill_uninitialized_memory is False
+    finally:
+        torch.use_deterministic_algorithms(before[0], warn_only=True)
+        torch.utils.deterministic.fill_uninitialized_memory = before[1]

@@ -61,6 +61,19 @@ def apply_tf32(cfg: TrainConfig, device: torch.device) -> None:
         torch.backends.cudnn.allow_tf32 = True
 
 
+def apply_determinism(cfg: TrainConfig, device: torch.device) -> None:
+    """``engine.deterministic``: deterministic kernels, or on CUDA the fastest ones ``cudnn.benchmark`` finds.
+
+    Uninitialised memory is never NaN-filled (torch's default under determinism): no kernel here reads it, and
+    the fill costs a pass over every ``torch.empty`` on the GPU (the extension's outputs, the float batch).
+    """
+    torch.use_deterministic_algorithms(cfg.engine.deterministic, warn_only=True)
+    torch.utils.deterministic.fill_uninitialized_memory = False  # type: ignore[attr-defined]
+    if device.type == "cuda":
+        torch.backends.cudnn.benchmark = not cfg.engine.deterministic
+        torch.backends.cudnn.deterministic = cfg.engine.deterministic
+
+
 def check_device(cfg: TrainConfig, device: torch.device) -> None:
     """Refuse a precision the device runs badly: fp16 on a CPU is emulated (~40x slower than bf16 there)."""
     if device.type == "cpu" and cfg.engine.precision == "fp16":

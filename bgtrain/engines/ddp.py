@@ -11,7 +11,7 @@ from torch.nn.parallel import DistributedDataParallel
 
 from bgtrain.config import TrainConfig
 from bgtrain.distributed import WorldInfo
-from bgtrain.engines.base import DTYPES, apply_tf32, build_optimizer
+from bgtrain.engines.base import DTYPES, apply_determinism, apply_tf32, build_optimizer
 from bgtrain.losses.functional import LossOutput
 
 
@@ -23,6 +23,7 @@ class DDPEngine:
     def __init__(self, cfg: TrainConfig, model: nn.Module, world: WorldInfo, device: torch.device) -> None:
         self.cfg, self.world, self.device = cfg, world, device
         apply_tf32(cfg, device)
+        apply_determinism(cfg, device)
         if cfg.engine.sync_bn and world.world_size > 1:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.module = model.to(device)

@@ -23,7 +23,7 @@ from torch import nn
 from bgtrain.collectives import all_gather_object, broadcast_tensor
 from bgtrain.config import TrainConfig
 from bgtrain.distributed import WorldInfo
-from bgtrain.engines.base import DTYPES, apply_tf32, build_optimizer
+from bgtrain.engines.base import DTYPES, apply_determinism, apply_tf32, build_optimizer
 from bgtrain.losses.functional import LossOutput
 
 _DROPPED = ("loss_scaler", "param_slice_mappings", "ds_version")
@@ -56,6 +56,7 @@ class DeepSpeedEngine:
                                        auto_mpi_discovery=False)
         self.cfg, self.world, self.device = cfg, world, device
         apply_tf32(cfg, device)
+        apply_determinism(cfg, device)
         # ZeRO flattens parameters into contiguous buffers and its broadcast views them as bytes, so
         # weights stay in the default layout here; inputs are still channels-last.
         # torch's stubs lack the to(device, memory_format=...) overload that Module.to accepts
