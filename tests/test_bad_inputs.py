@@ -444,7 +444,7 @@ def test_a_corrupt_test_sample_is_counted_in_results_metrics_and_map_json(tiny_s
     out = tmp_path / "run"
     assert run_cli(train, train_args(shards, out, "optim.epochs=1", "data.max_corrupt_fraction=0.5")) == 0
     results = json.loads((out / "results.json").read_text())
-    assert results["data"] == {"samples": 10, "corrupt": 1, "padding": results["data"]["padding"]}
+    assert results["data"] == {"samples": 10, "corrupt": 1, "padding": results["data"]["padding"], "retries": 0}
     records = [json.loads(line) for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert [r["corrupt"] for r in records if r["kind"] == "data" and r["split"] == "train"] == [0]
     assert [r["data"]["corrupt"] for r in records if r["kind"] == "test"] == [1]

@@ -21,10 +21,10 @@ import os
 import platform
 import tempfile
 import time
+import tracemalloc
 from collections.abc import Sequence
 from pathlib import Path
 
-import psutil
 import torch
 
 from bgtrain.labels import CorrectionStore
@@ -65,10 +65,6 @@ def random_keys(n: int, samples: int, classes: int, generator: torch.Generator) 
 def _sync(device: torch.device) -> None:
     if device.type == "cuda":
         torch.cuda.synchronize(device)
-
-
-def _rss() -> int:
-    return psutil.Process().memory_info().rss
 
 
 def measure_store(keys: torch.Tensor, args: argparse.Namespace, device: torch.device, folder: Path) -> dict:
@@ -122,12 +118,16 @@ def measure_store(keys: torch.Tensor, args: argparse.Namespace, device: torch.de
 def measure_baseline(keys: torch.Tensor, args: argparse.Namespace, folder: Path) -> dict:
     """The store this one replaced, on one rank: a dict of Python sets, checkpointed as a (K, 2) pair tensor.
 
-    Its memory is the process's resident growth while the sets are built (Python objects, fresh pages)."""
-    before = _rss()
+    Its memory is what Python allocates for the dict and its sets (tracemalloc: exact, where the process's
+    resident growth reads 0 at small sizes whenever freed pages are reused)."""
+    pairs_list = torch.stack([keys // args.classes, keys % args.classes], 1).tolist()
+    tracemalloc.start()
     owned: dict[int, set[int]] = {}
-    for sid, cls in torch.stack([keys // args.classes, keys % args.classes], 1).tolist():
+    for sid, cls in pairs_list:
         owned.setdefault(sid, set()).add(cls)
-    held = _rss() - before
+    held = tracemalloc.get_traced_memory()[0]
+    tracemalloc.stop()
+    del pairs_list
     path = folder / "baseline.pt"
     t0 = time.perf_counter()
     pairs = torch.tensor(sorted((s, c) for s, cs in owned.items() for c in cs), dtype=torch.long).reshape(-1, 2)
