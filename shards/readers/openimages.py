@@ -62,7 +62,34 @@ def _image_dir(images: Path, split_dir: str) -> Path:
     return images / split_dir if (images / split_dir).is_dir() else images
 
 
-class LabelledImages(Sequence[Record]):
+class LazyRecords(Sequence[Record]):
+    """Records made when indexed (``_record``), one at a time or a slice's worth."""
+
+    @overload
+    def __getitem__(self, k: int) -> Record: ...
+
+    @overload
+    def __getitem__(self, k: slice) -> list[Record]: ...
+
+    def __getitem__(self, k: int | slice) -> Record | list[Record]:
+        if isinstance(k, slice):
+            return [self[i] for i in range(*k.indices(len(self)))]
+        if not -len(self) <= k < len(self):
+            raise IndexError(f"record {k} of {len(self)}")
+        return self._record(k % len(self))
+
+    def _record(self, k: int) -> Record:
+        raise NotImplementedError
+
+    def __eq__(self, other: object) -> bool:
+        if not isinstance(other, Sequence):
+            return NotImplemented
+        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
+
+    __hash__ = None  # type: ignore[assignment]
+
+
+class LabelledImages(LazyRecords):
     """The records of one split, sorted by ImageID, built only when indexed.
 
     An array build's part takes a slice of a seeded permutation of them: the part builds the few Records it
@@ -76,33 +103,15 @@ class LabelledImages(Sequence[Record]):
     def __len__(self) -> int:
         return len(self.names)
 
-    @overload
-    def __getitem__(self, k: int) -> Record: ...
-
-    @overload
-    def __getitem__(self, k: slice) -> list[Record]: ...
-
-    def __getitem__(self, k: int | slice) -> Record | list[Record]:
-        if isinstance(k, slice):
-            return [self[i] for i in range(*k.indices(len(self)))]
-        if not -len(self) <= k < len(self):
-            raise IndexError(f"record {k} of {len(self)}")
-        k %= len(self)
+    def _record(self, k: int) -> Record:
         image_id = _text(self.names[k])
         a, b = self.starts[k], self.starts[k + 1]
         cls, pos = self.classes[a:b], self.positive[a:b]
         p, n = tuple(cls[pos].tolist()), tuple(cls[~pos].tolist())
         return Record(str(self.folder / f"{image_id}.jpg"), image_id, p, n, p, n)
 
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Sequence):
-            return NotImplemented
-        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
 
-    __hash__ = None  # type: ignore[assignment]
-
-
-class WithURLs(Sequence[Record]):
+class WithURLs(LazyRecords):
     """A split's records with the path of each ImageID listed with a URL replaced by that URL."""
 
     def __init__(self, records: Sequence[Record], urls: dict[str, str]) -> None:
@@ -111,26 +120,10 @@ class WithURLs(Sequence[Record]):
     def __len__(self) -> int:
         return len(self.records)
 
-    @overload
-    def __getitem__(self, k: int) -> Record: ...
-
-    @overload
-    def __getitem__(self, k: slice) -> list[Record]: ...
-
-    def __getitem__(self, k: int | slice) -> Record | list[Record]:
-        if isinstance(k, slice):
-            return [self[i] for i in range(*k.indices(len(self)))]
+    def _record(self, k: int) -> Record:
         r = self.records[k]
         url = self.urls.get(r.ref)
         return replace(r, path=url) if url else r
-
-    def __eq__(self, other: object) -> bool:
-        if not isinstance(other, Sequence):
-            return NotImplemented
-        return len(self) == len(other) and all(a == b for a, b in zip(self, other))
-
-    __hash__ = None  # type: ignore[assignment]
-
 
 def _url_column(path: Path, wanted: str | None) -> str | None:
     """The column of ``path`` (an images.csv) that holds the URLs: ``wanted``, or else the first of URL_COLUMNS."""
