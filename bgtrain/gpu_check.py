@@ -20,6 +20,15 @@ Checks, in order (each one JSON line on stdout and in the log; the report holds 
 7. ``criteria``: LL-Cp and EM+APL steps and checkpoints (reloaded equal) with every collective forced through
    NCCL even in a world of 1, and each collectives helper fed a CPU tensor (:mod:`bgtrain.gpu_check_criteria`).
    ``--cpu-smoke``: gloo, world 2.
+8. ``host_syncs``: every loss scheme's real steps (:func:`bgtrain.trainer.train_step` on batches from the real
+   Loader, two epochs of 3 steps on tiny shards) under ``torch.cuda.set_sync_debug_mode("error")``, each epoch's
+   first step excepted (warm-up); a host sync fails the check naming the scheme and the bgtrain call site
+   (:mod:`bgtrain.gpu_check_steps`). ``--cpu-smoke`` runs every scheme's steps the same way, without detection.
+9. ``step_speed``: img/s of a few steps (R18, 64 px, batch 32, bf16) with ``engine.deterministic`` true and
+   false and ``engine.compile`` true and false. GPU only; ``--cpu-smoke`` skips it with the reason.
+
+The report's ``coverage`` lists the paths the run verified and those only a multi-GPU or multi-node run shows
+(NCCL all-reduce overlap across ranks, DeepSpeed ZeRO across GPUs, cross-node timing): those stay unverified.
 
 The goals are reported (``goal_met``); the exit status is 1 only when a correctness check fails or errors.
 The whole run must fit in 8 minutes on one GPU (``--budget-s 480``): a check that would start after the
@@ -67,13 +76,15 @@ from typing import Any
 
 import torch
 
+from bgtrain.gpu_check_steps import check_host_syncs, check_step_speed, coverage
 from bgtrain.ops import library, reference
 
 TOLERANCE = {torch.float32: 1e-6, torch.bfloat16: 1e-3, torch.float16: 1e-3, torch.float64: 1e-12}
 CASES = [(64, 5000, 14, 14), (256, 80, 14, 14), (4, 37, 14, 14), (3, 70, 20, 20), (2, 33, 7, 7), (5, 1, 3, 3),
          (2, 64, 1, 1)]
 SMOKE_CASES = [(4, 37, 14, 14), (3, 70, 20, 20), (2, 33, 7, 7), (5, 1, 3, 3), (2, 64, 1, 1)]
-CHECKS = ("dali", "extension", "boostlu_bench", "evaluator", "bench_train", "ddp", "criteria")
+CHECKS = ("dali", "extension", "boostlu_bench", "evaluator", "bench_train", "ddp", "criteria", "host_syncs",
+          "step_speed")
 GOALS = {"boostlu_fwd_bwd_us": 120.0, "evaluator_s": 0.25, "train_img_per_s": 1750.0, "input_efficiency": 0.97}
 NEEDS_CUDA = "needs CUDA, and --cpu-smoke runs on the CPU"
 
@@ -509,6 +520,8 @@ def run_checks(args: argparse.Namespace, log: Callable[[dict], None]) -> dict:
         "bench_train": lambda: check_bench_train(smoke, log),
         "ddp": lambda: check_ddp(smoke, log),
         "criteria": lambda: check_criteria(smoke, log),
+        "host_syncs": lambda: check_host_syncs(smoke, log),
+        "step_speed": lambda: check_step_speed(smoke, log),
     }
     results: dict[str, dict] = {}
     start = time.perf_counter()
@@ -528,7 +541,8 @@ def run_checks(args: argparse.Namespace, log: Callable[[dict], None]) -> dict:
     total = time.perf_counter() - start
     return {"checks": results, "seconds": round(total, 1), "budget_s": budget, "within_budget": total <= budget,
             "passed": all(r.get("ok") is True for r in results.values()),
-            "goals_met": {k: r["goal_met"] for k, r in results.items() if r.get("goal_met") is not None}}
+            "goals_met": {k: r["goal_met"] for k, r in results.items() if r.get("goal_met") is not None},
+            "coverage": coverage(results, smoke)}
 
 
 def build_parser() -> argparse.ArgumentParser:

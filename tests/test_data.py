@@ -165,6 +165,40 @@ def test_normalise_matches_the_plain_formula_and_mirrors_only_picked_rows(dtype,
         images, CPU, dtype, channels_last, torch.zeros(5, dtype=torch.bool)), rtol=0, atol=0)
 
 
+def _normalise_before_the_cache(images, device, dtype, channels_last, flip):
+    """normalise as it was before its constants were cached and its flips became one select: the bit reference."""
+    from bgtrain.data.common import IMAGENET_MEAN, IMAGENET_STD
+    src = images.to(device)
+    b, h, w, c = src.shape
+    x = torch.empty((b, h, w, c), dtype=torch.float32, device=device)
+    for i, mirrored in enumerate(flip.tolist()):
+        x[i].copy_(src[i].flip(1) if mirrored else src[i])
+    std = torch.tensor(IMAGENET_STD, device=device)
+    x.view(b, h, w * c).mul_((1.0 / (255.0 * std)).repeat(w)).sub_(
+        (torch.tensor(IMAGENET_MEAN, device=device) / std).repeat(w))
+    x = x.permute(0, 3, 1, 2).to(dtype)
+    return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()
+
+
+@pytest.mark.parametrize("width", [9, 16])
+def test_normalise_with_mixed_flips_is_the_plain_formula_and_bit_identical_to_the_row_loop(width):
+    """One select over a CPU flip mask, cached constants: (x/255 - mean)/std with flipped rows, bit-identical."""
+    from bgtrain.data.common import IMAGENET_MEAN, IMAGENET_STD, normalise
+    images = torch.randint(0, 256, (6, 5, width, 3), dtype=torch.uint8, generator=torch.Generator().manual_seed(1))
+    flip = torch.tensor([False, True, True, False, True, False])
+    for dtype, channels_last in [(torch.float32, True), (torch.float32, False), (torch.bfloat16, True)]:
+        for _ in range(2):  # the second call reads the cached constants
+            out = normalise(images, CPU, dtype, channels_last, flip)
+            assert torch.equal(out, _normalise_before_the_cache(images, CPU, dtype, channels_last, flip))
+    out = normalise(images, CPU, torch.float32, True, flip)
+    x = images.permute(0, 3, 1, 2).float()
+    x = torch.where(flip.view(-1, 1, 1, 1), x.flip(3), x)
+    mean, std = torch.tensor(IMAGENET_MEAN).view(1, 3, 1, 1), torch.tensor(IMAGENET_STD).view(1, 3, 1, 1)
+    torch.testing.assert_close(out, (x / 255 - mean) / std, rtol=0, atol=1e-6)
+    assert torch.equal(out[~flip], normalise(images[~flip], CPU, torch.float32, True))
+    assert torch.equal(out[flip], normalise(images[flip].flip(2), CPU, torch.float32, True))
+
+
 def test_corrupt_sample_is_skipped_and_counted(tmp_path, smoke_shards):
     import json
     manifest = json.loads((smoke_shards / "manifest.json").read_text())

@@ -8,10 +8,13 @@ import subprocess
 import sys
 import zipfile
 from pathlib import Path
+from typing import get_args
 
 import pytest
 
+from bgtrain.config import ConfigError, Scheme, load_config
 from bgtrain.gpu_check import CHECKS, install_wheels, join_wheel_parts
+from bgtrain.gpu_check_steps import call_site, coverage
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -39,6 +42,19 @@ def test_cpu_smoke_runs_every_check_and_writes_the_report(tmp_path):
     assert all(s["input_efficiency"] > 0 for s in train["summaries"]) and "needs CUDA" in train["skipped"]
     ddp = report["checks"]["ddp"]
     assert ddp["world"] == 2 and ddp["backend"] == "gloo" and ddp["ranks_agree_on_weights"]
+    syncs = report["checks"]["host_syncs"]  # every scheme's real steps ran, through the code path the GPU checks
+    assert syncs["schemes"] == list(get_args(Scheme)) and syncs["failed"] == {} and syncs["steps_checked"] == 0
+    assert "needs CUDA" in syncs["sync_detection"] and "needs CUDA" in syncs["skipped"]
+    ran = [json.loads(line) for line in log_path.read_text().splitlines()]
+    assert sorted(r["scheme"] for r in ran if r.get("check") == "host_syncs" and "scheme" in r) == sorted(
+        get_args(Scheme))
+    assert all(r["steps"] == syncs["steps_per_scheme"] for r in ran if r.get("check") == "host_syncs" and "steps" in r)
+    assert "GPU timings" in report["checks"]["step_speed"]["skipped"]
+    cover = report["coverage"]
+    assert list(cover["covered"]) == list(CHECKS) and cover["not_run_or_failed"] == []
+    assert any("DeepSpeed ZeRO" in p for p in cover["not_covered_needs_multi_gpu_or_nodes"])
+    assert any("cross-node" in p for p in cover["not_covered_needs_multi_gpu_or_nodes"])
+    assert "host-sync detection" in cover["not_covered_on_cpu"]
     # stdout and the log hold the same JSON lines
     assert log_path.read_text().splitlines() == proc.stdout.splitlines()
 
@@ -96,3 +112,16 @@ def test_a_wheel_without_its_sha256_file_is_refused(tmp_path):
     wheel = _probe_wheel(built)
     with pytest.raises(FileNotFoundError, match=f"{wheel.name}.sha256: missing"):
         join_wheel_parts(built, tmp_path)
+
+
+def test_a_sync_is_named_by_its_innermost_bgtrain_frame():
+    with pytest.raises(ConfigError) as caught:
+        load_config(None, ["loss.scheme=nonsense"])
+    assert call_site(caught.value).startswith("bgtrain/config.py:")
+
+
+def test_coverage_lists_what_ran_and_what_one_gpu_cannot_show():
+    cover = coverage({"ddp": {"ok": True}, "host_syncs": {"ok": False}, "step_speed": {"ok": None}}, smoke=False)
+    assert list(cover["covered"]) == ["ddp"] and cover["not_run_or_failed"] == ["host_syncs", "step_speed"]
+    assert any("all-reduce" in p for p in cover["not_covered_needs_multi_gpu_or_nodes"])
+    assert "not_covered_on_cpu" not in cover

@@ -142,7 +142,7 @@ class Loader:
         # Valid rows first, stably, decided on the host: engines can slice [:num_valid] without a sync.
         order = torch.argsort((~valid).to(torch.int8), stable=True)
         reorder = not bool(valid[: int(valid.sum())].all())
-        take = (lambda t: t[order.to(t.device)]) if reorder else (lambda t: t)
+        take = (lambda t: t[order.to(t.device, non_blocking=True)]) if reorder else (lambda t: t)
         sample_id, valid = take(raw.sample_id), take(valid)
         # PIL mirrors in the worker; the other paths mirror here, in the one pass that converts the
         # batch to float, with the same (seed, epoch, sample) rule.

@@ -156,27 +156,48 @@ def flip_mask(sample_ids: torch.Tensor, seed: int, epoch: int) -> torch.Tensor:
                         dtype=torch.bool)
 
 
+def _normalise_constants(device: torch.device, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """(scale, shift) of :func:`normalise` for rows of ``width`` pixels on ``device``, built once per (device, width).
+
+    Built on the device with the same operations as ever (bit-identical results); the one blocking host-to-device
+    copy happens on the first batch of a size, not on every batch (a host sync that waits for the queued step).
+    """
+    if device.type == "cuda" and device.index is None:  # "cuda" and "cuda:0" share one entry
+        device = torch.device("cuda", torch.cuda.current_device())
+    key = (device, width)
+    cached = _CONSTANTS.get(key)
+    if cached is None:
+        std = torch.tensor(IMAGENET_STD, device=device)
+        scale = (1.0 / (255.0 * std)).repeat(width)
+        shift = (torch.tensor(IMAGENET_MEAN, device=device) / std).repeat(width)
+        cached = _CONSTANTS[key] = (scale, shift)
+    return cached
+
+
+_CONSTANTS: dict[tuple[torch.device, int], tuple[torch.Tensor, torch.Tensor]] = {}
+
+
 def normalise(images: torch.Tensor, device: torch.device, dtype: torch.dtype, channels_last: bool,
               flip: torch.Tensor | None = None) -> torch.Tensor:
     """uint8 (B, H, W, 3) -> normalised float (B, 3, H, W) on the device, optionally channels-last.
 
-    Rows where ``flip`` (bool (B,)) is true are mirrored on the way; ``images`` is never written, so
-    it may be a pipeline's own buffer.
+    Rows where ``flip`` (bool (B,), on the CPU) is true are mirrored on the way; ``images`` is never written,
+    so it may be a pipeline's own buffer. No host sync: the flip mask travels with ``non_blocking`` and the
+    constants are cached per device and width.
     """
+    device = torch.device(device)
     src = images.to(device, non_blocking=True)
     b, h, w, c = src.shape
     # The NHWC float written here, permuted, is already channels-last in memory: no reordering pass.
     x = torch.empty((b, h, w, c), dtype=torch.float32, device=device)
-    if flip is None or not bool(flip.any()):
+    if flip is None or not bool(flip.any()):  # flip: host-side (CPU) mask, no device read
         x.copy_(src)
-    else:  # mirroring while converting costs no extra pass over the float batch
-        for i, mirrored in enumerate(flip.tolist()):
-            x[i].copy_(src[i].flip(1) if mirrored else src[i])
+    else:  # mirroring the uint8 batch in one select costs no pass over the float batch
+        mask = flip.to(device, non_blocking=True).view(b, 1, 1, 1)
+        x.copy_(torch.where(mask, src.flip(2), src))
     # (x / 255 - mean) / std as a multiply and a subtract with the per-channel constants tiled along a
     # row: a long contiguous inner dimension vectorises, an inner dimension of 3 does not (4x slower).
-    std = torch.tensor(IMAGENET_STD, device=device)
-    scale = (1.0 / (255.0 * std)).repeat(w)
-    shift = (torch.tensor(IMAGENET_MEAN, device=device) / std).repeat(w)
+    scale, shift = _normalise_constants(device, w)
     x.view(b, h, w * c).mul_(scale).sub_(shift)
     x = x.permute(0, 3, 1, 2).to(dtype)
     return x.contiguous(memory_format=torch.channels_last) if channels_last else x.contiguous()

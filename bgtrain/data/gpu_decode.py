@@ -41,9 +41,19 @@ def decode_batch(jpegs: list[bytes], size: int, device: torch.device) -> tuple[t
         if img is not None:
             lookup[i] = img
             by_shape.setdefault(tuple(img.shape[1:]), []).append(i)
-    for rows in by_shape.values():  # one resize call per source size
-        out[rows] = resize_uint8(torch.stack([lookup[i] for i in rows]), size)
-        decoded[rows] = True
+    if by_shape:
+        # One resize call per source size, written into the batch through one row index built on the host and
+        # sent once with non_blocking: indexing a device tensor with a Python list copies the index to the
+        # device per size, each a blocking copy that waits for the queued training step.
+        rows = [i for group in by_shape.values() for i in group]
+        index = torch.tensor(rows, dtype=torch.int64)  # host-side (CPU)
+        on_device = index.to(device, non_blocking=True)
+        start = 0
+        for group in by_shape.values():
+            resized = resize_uint8(torch.stack([lookup[i] for i in group]), size)
+            out.index_put_((on_device[start:start + len(group)],), resized)
+            start += len(group)
+        decoded[index] = True  # decoded: host-side (CPU)
     return out.permute(0, 2, 3, 1), decoded  # the raw batch layout (B, H, W, 3); Loader._finish normalises
 
 

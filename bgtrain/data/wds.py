@@ -34,8 +34,8 @@ from PIL import Image
 from bgtrain import storage
 from bgtrain.data.backend import RawBatch, ReaderFailure
 from bgtrain.data.common import SplitInfo, flip_decision, usable_labels
-from bgtrain.data.ranges import ShardRanges
 from bgtrain.data.plan import EpochPlan, Piece, PlanSpec, skipped_batches
+from bgtrain.data.ranges import ShardRanges
 from shards.format import ShardError, decode_label_rows, pad_label_members
 
 if TYPE_CHECKING:
