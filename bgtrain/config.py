@@ -135,6 +135,10 @@ class LossConfig:
     delta_rel: float | None = setting(
         None, "large-loss rate Δ_rel; null = the paper's default (LL-R 0.005, LL-Ct 0.002, LL-Cp 0.001)",
         low=0.0, high=1.0, low_open=True, high_open=True)
+    large_loss_over: Literal["rank", "global"] = setting(
+        "rank", "LL-R / LL-Ct / LL-Cp: k and the k-th largest loss per rank's batch (`rank`), or over all ranks' "
+                "batches of the step (`global`: one all-gather of k losses per rank and step; selects what one "
+                "device with the whole batch would)")
     ls_epsilon: float = setting(0.1, "LS: AN targets smoothed to 1 - ε and ε", low=0.0, high=1.0)
     asl_gamma_neg: float = setting(4.0, "ASL: focusing exponent γ- on negatives", low=0.0)
     asl_gamma_pos: float = setting(1.0, "ASL: focusing exponent γ+ on positives", low=0.0)
@@ -163,6 +167,18 @@ class OptimConfig:
     epochs: int = setting(10, "training epochs; epoch 1 is the large-loss warm-up", low=1)
     grad_accum: int = setting(1, "micro-batches per optimizer step (DDP `no_sync` in between)", low=1)
     grad_clip: float = setting(0.0, "max gradient norm; 0 = off", low=0.0)
+    reference_batch: int = setting(
+        16, "the global batch (data.batch_size × world × optim.grad_accum) that `optim.lr` is for; the paper: 16",
+        low=1)
+    lr_scaling: Literal["none", "linear", "sqrt"] = setting(
+        "none", "lr (both groups) × global batch / `optim.reference_batch` (`linear`), × its square root (`sqrt`), "
+                "or as given (`none`, the paper; warns when the global batch differs)")
+    warmup_steps: int = setting(
+        0, "optimizer steps of linear warm-up from 0: step s (0-based) uses (s + 1) / warmup_steps of the lr; "
+           "0 = none (the paper)", low=0)
+    schedule: Literal["constant", "cosine"] = setting(
+        "constant", "lr after the warm-up: `constant` (the paper) or `cosine` decay to 0 at the run's last "
+                    "optimizer step")
 
 
 @dataclass
@@ -216,6 +232,15 @@ class EvalConfig:
 
 
 @dataclass
+class OpsConfig:
+    boostlu: Literal["auto", "cuda", "reference"] = setting(
+        "auto", "BoostLU op on GPUs: `auto` = the CUDA extension (prebuilt by `python -m bgtrain.ops build`, else "
+                "built at start) with a fallback to the torch reference and a warning on every rank; `cuda` = a "
+                "missing or failed build is an error naming the cause; `reference` = the torch reference "
+                "(`BGTRAIN_BOOSTLU=cuda|cpu|torch` overrides)")
+
+
+@dataclass
 class TrainConfig:
     name: str = setting("run", "run name (results tables)")
     out_dir: str = setting("runs/run", "run folder")
@@ -223,6 +248,9 @@ class TrainConfig:
     seed: int = setting(0, "seeds weights, shard order, shuffle buffers and flips; same seed → same numbers on CPU",
                         low=0, high=2**31 - 1)
     log_every: int = setting(10, "steps between `metrics.jsonl` train lines", low=1)
+    device: Literal["auto", "cuda"] = setting(
+        "auto", "`auto`: CUDA when a GPU is visible, else CPU processes on gloo; `cuda`: a rank that sees no GPU "
+                "stops at start-up, and `reproduce --slurm` / preflight require GPUs (`BGTRAIN_DEVICE=cuda` also)")
     model: ModelConfig = section(ModelConfig, "the network")
     data: DataConfig = section(DataConfig, "shards and the loader")
     loss: LossConfig = section(LossConfig, "the training loss")
@@ -231,6 +259,7 @@ class TrainConfig:
     checkpoint: CheckpointConfig = section(CheckpointConfig, "checkpoints and resume")
     eval: EvalConfig = section(EvalConfig, "validation, test and the mAP rules")
     log: LogConfig = section(LogConfig, "what a run writes besides metrics.jsonl")
+    ops: OpsConfig = section(OpsConfig, "custom kernels (the BoostLU extension)")
 
 
 def _describe(tp: Any) -> str:

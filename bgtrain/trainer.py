@@ -28,6 +28,7 @@ from bgtrain.predict import predict
 from bgtrain.report.cams import EpochCams
 from bgtrain.report.tensorboard import TensorBoardSink
 from bgtrain.runlog import EpochTimes, RunLogger
+from bgtrain.schedule import build_scheduler, continue_schedule, global_batch, reapply, scaling_warning, startup_line
 from shards.format import read_manifest
 
 
@@ -166,6 +167,14 @@ class Trainer:
         self.loader = build_loader(cfg.data, "train", world, device, train=True, seed=cfg.seed,
                                    channels_last=cfg.model.channels_last, dtype=dtype)
         self.engine = build_engine(cfg, build_model(cfg.model, self.loader.num_classes), world, device)
+        # The lr schedule (scaling, warm-up, decay) on the engine's torch optimizer: one step per optimizer step.
+        # engine.optimizer is the DDP engine's torch Adam, or what deepspeed.initialize returned (bgtrain.schedule).
+        batch = global_batch(cfg.data.batch_size, world.world_size, cfg.optim.grad_accum)
+        total_steps = (cfg.optim.epochs * len(self.loader) // cfg.optim.grad_accum
+                       if cfg.optim.schedule == "cosine" else 0)
+        self.scheduler = build_scheduler(self.engine.optimizer,  # type: ignore[attr-defined]
+                                         cfg.optim, batch, total_steps)
+        self.micro_steps = 0  # steps that ran the engine (with data somewhere); every grad_accum-th steps the optimizer
         self.criterion = build_criterion(cfg.loss, self.loader.info.dataset, self.loader.info.num_samples,
                                          self.loader.num_classes, epochs=cfg.optim.epochs,
                                          lr=cfg.optim.lr * cfg.optim.head_lr_mult, seed=cfg.seed,
@@ -179,12 +188,31 @@ class Trainer:
         self.log.message(f"world {world.world_size} on {device}, engine {self.engine.name}, precision "
                           f"{cfg.engine.precision}, BoostLU op: {active_implementation(device)}, alpha train/eval "
                           f"{cfg.model.alpha_train}/{cfg.model.alpha_eval}")
+        self._announce_lr()
         self.epoch, self.batches_done, self.global_step = 1, 0, 0
         self.best = {"val_map": -1.0, "epoch": 0}
         self.last_loss: float | None = None  # rank 0's loss at the last logging step, for the progress bar
         self.times = EpochTimes()             # where each epoch's wall time goes (an "epoch" record)
         self.scoring: dict[tuple[str, str | None], Loader] = {}  # kept: their loader processes serve every pass
         self._resume()
+
+    def _announce_lr(self) -> None:
+        """Rank 0: one line with the global batch, the reference batch, the scaling rule and the lrs used, and a
+        warning when the global batch is not the reference one and nothing scales the lr (the lr in use at each
+        logging step is in the "train" records, ``lr`` and ``lr_head``)."""
+        cfg, world = self.cfg, self.world
+        if not world.is_main:
+            return
+        self.log.message(startup_line(cfg.optim, cfg.data.batch_size, world.world_size))
+        warning = scaling_warning(cfg.optim, cfg.data.batch_size, world.world_size)
+        if warning:
+            self.log.warning(warning)
+
+    def _step_schedule(self) -> None:
+        """After a step that ran the engine: the lr schedule moves on at each optimizer step (every grad_accum-th)."""
+        self.micro_steps += 1
+        if self.micro_steps % self.cfg.optim.grad_accum == 0:
+            self.scheduler.step()
 
     def _resume(self) -> None:
         resume = self.cfg.checkpoint.resume
@@ -199,11 +227,24 @@ class Trainer:
         self.log.run_started = state.get("run_started", self.log.run_started)
         self.engine.load_state_dict(state["engine"])
         self.criterion.load_state_dict(criterion_state(state))
+        self._load_schedule(state)
         ckpt.set_rng_state(state["rng"][self.world.rank % len(state["rng"])])
         self.epoch, self.batches_done = state["loader"]["epoch"], state["loader"]["batches_done"]
         self.global_step, self.best = state["global_step"], state["best"]
         self.log.record(kind="resume", path=path, step=self.global_step, **cost)
         self.log.message(f"resumed from {path}: epoch {self.epoch}, batch {self.batches_done}")
+
+    def _load_schedule(self, state: dict) -> None:
+        """The schedule where the saved run left it; a checkpoint from before schedules were saved (whose runs had
+        the constant lr) continues from the engine's count of micro-steps."""
+        if "schedule" in state:
+            self.scheduler.load_state_dict(dict(state["schedule"]["scheduler"]))
+            self.micro_steps = state["schedule"]["micro_steps"]
+            reapply(self.scheduler)
+        else:
+            engine = state["engine"]
+            self.micro_steps = int(engine.get("micro_step", engine.get("micro_steps", 0)))
+            continue_schedule(self.scheduler, self.micro_steps // self.cfg.optim.grad_accum)
 
     def save(self, is_best: bool = False) -> None:
         """Checkpoint now (collective: every rank must call it); rank 0 writes it in the background."""
@@ -211,6 +252,7 @@ class Trainer:
         rngs = all_gather_object(ckpt.rng_state())
         state = {"engine": self.engine.state_dict(), "rng": rngs, "criterion": self.criterion.state_dict(),
                  "loader": self.loader.state_dict(), "global_step": self.global_step, "best": self.best,
+                 "schedule": {"scheduler": self.scheduler.state_dict(), "micro_steps": self.micro_steps},
                  "config": to_dict(self.cfg), "run_started": self.log.run_started}
         if self.world.is_main:
             previous_write_s = self.saver.last_write_s
@@ -257,6 +299,8 @@ class Trainer:
             data_s = time.perf_counter() - tick
             self.saver.check()  # a background checkpoint write that failed stops the run here, naming its path
             out = train_step(self.engine, criterion, batch, epoch)
+            if out is not None:
+                self._step_schedule()
             self.global_step += 1
             # No host sync on other steps (the device keeps its queue): the loss is read only here, on rank 0.
             logging_step = self.global_step % cfg.log_every == 0
@@ -266,7 +310,8 @@ class Trainer:
             if logging_step:
                 self.log.record(kind="train", epoch=epoch, step=self.global_step, loss=self.last_loss,
                                 selected=int(out.selected.sum()) if out is not None and self.world.is_main else 0,
-                                corrections=criterion.corrections_kept(), lr=cfg.optim.lr, data_s=round(data_s, 4),
+                                corrections=criterion.corrections_kept(), lr=self.scheduler.get_last_lr()[0],
+                                lr_head=self.scheduler.get_last_lr()[1], data_s=round(data_s, 4),
                                 step_s=round(step_s, 4),
                                 img_s=round(batch.image.shape[0] * self.world.world_size / step_s, 1),
                                 **({} if out is not None else {"empty_step": True}))

@@ -23,11 +23,18 @@ from bgtrain.losses.functional import (
                                        mean_over_entries,
                                        valid_rows,
 )
-from bgtrain.losses.large_loss import large_loss, large_loss_k, large_loss_output, select_large_losses
+from bgtrain.losses.large_loss import (
+    large_loss,
+    large_loss_k,
+    large_loss_output,
+    select_large_losses,
+    select_large_losses_global,
+)
 from bgtrain.losses.role import RoleCriterion, role_loss
 
 __all__ = ["Criterion", "EXPECTED_POSITIVES", "EmAplCriterion", "LARGE_LOSS_DEFAULT_DELTA", "LargeLossCriterion",
            "LossFunction", "LossOutput", "RoleCriterion", "SoftNegativeStore", "asymmetric_loss", "bce",
            "build_criterion", "build_stateful_criterion", "em_apl_loss", "em_apl_params", "entropy_from_logits",
            "entropy_maximisation", "expected_positive_regulariser", "label_smoothing", "large_loss", "large_loss_k",
-           "large_loss_output", "mean_over_entries", "role_loss", "select_large_losses", "valid_rows"]
+           "large_loss_output", "mean_over_entries", "role_loss", "select_large_losses",
+           "select_large_losses_global", "valid_rows"]

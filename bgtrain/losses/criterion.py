@@ -76,13 +76,23 @@ class LossFunction(Criterion):
 class LargeLossCriterion(Criterion):
     """Full, AN, LL-R, LL-Ct, and LL-Cp; LL-Cp also owns the :class:`CorrectionStore` of its corrections."""
 
-    def __init__(self, scheme: str, delta_rel: float | None, num_classes: int = 0) -> None:
-        self.scheme, self.delta_rel = scheme, delta_rel
+    def __init__(self, scheme: str, delta_rel: float | None, num_classes: int = 0, over: str = "rank",
+                 batch_rows: int = 0) -> None:
+        """``over`` is ``loss.large_loss_over``; ``global`` needs ``batch_rows``, the per-rank batch size (the
+        same on every rank), and makes each call a collective every rank joins."""
+        if over not in ("rank", "global"):
+            raise ValueError(f"loss.large_loss_over must be rank or global, got {over!r}")
+        if over == "global" and batch_rows <= 0:
+            raise ValueError("loss.large_loss_over=global needs the per-rank batch size (batch_rows > 0)")
+        self.scheme, self.delta_rel, self.over, self.batch_rows = scheme, delta_rel, over, batch_rows
         self.store = CorrectionStore(num_classes, *rank_and_world()) if scheme == "LL-Cp" else None
 
     def __call__(self, logits: torch.Tensor, labels: torch.Tensor, epoch: int, valid: torch.Tensor | None = None,
                  sample_ids: torch.Tensor | None = None) -> LossOutput:
-        return large_loss_output(logits, labels, self.scheme, epoch, self.delta_rel, valid)
+        if self.over == "rank":
+            return large_loss_output(logits, labels, self.scheme, epoch, self.delta_rel, valid)
+        return large_loss_output(logits, labels, self.scheme, epoch, self.delta_rel, valid, over=self.over,
+                                 batch_rows=self.batch_rows)
 
     def begin_epoch(self, readers: EpochReaders) -> None:
         """LL-Cp: each correction moves to the rank that reads its sample this epoch (collective)."""

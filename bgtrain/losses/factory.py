@@ -21,7 +21,8 @@ def build_criterion(cfg: LossConfig, dataset: str, num_samples: int = 0, num_cla
     fixes the size of their per-step exchanges; 0 agrees on it at every step) reach ROLE / EM+APL."""
     scheme = cfg.scheme
     if scheme in ("full", "AN", *LARGE_LOSS_DEFAULT_DELTA):
-        return LargeLossCriterion(scheme, cfg.delta_rel, num_classes)
+        over = cfg.large_loss_over if scheme in LARGE_LOSS_DEFAULT_DELTA else "rank"  # full / AN select nothing
+        return LargeLossCriterion(scheme, cfg.delta_rel, num_classes, over, batch_rows)
     if scheme == "LS":
         return LossFunction(lambda lg, lb, valid: label_smoothing(lg, lb, cfg.ls_epsilon, valid))
     if scheme == "ASL":
