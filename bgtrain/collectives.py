@@ -110,6 +110,23 @@ def broadcast_tensor(t: torch.Tensor, src: int = 0) -> torch.Tensor:
     return t
 
 
+def broadcast_coalesced(tensors: Sequence[torch.Tensor], src: int = 0) -> None:
+    """Rank ``src``'s ``tensors`` written into ``tensors`` on every rank, in one broadcast (collective).
+
+    For many small tensors (a model's BatchNorm buffers) one collective instead of one per tensor: their bytes
+    travel in one flat uint8 buffer, whatever their dtypes and shapes. Every rank passes the same list (the
+    same dtypes and shapes, in the same order).
+    """
+    if not _active() or not tensors:
+        return
+    with torch.no_grad():
+        pieces = [t.detach().reshape(-1).view(torch.uint8) for t in tensors]
+        flat = torch.cat([p.to(group_device()) for p in pieces])
+        dist.broadcast(flat, src=src)
+        for t, part in zip(tensors, flat.split([p.numel() for p in pieces])):
+            t.copy_(part.clone().view(t.dtype).view(t.shape))  # the clone: aligned for the dtype's view
+
+
 def broadcast_object(obj: T, src: int = 0) -> T:
     """Rank ``src``'s ``obj`` on every rank (``obj`` itself without a process group)."""
     if not _active():
@@ -125,6 +142,16 @@ def all_gather_object(obj: T) -> list[T]:
         return [obj]
     out: list[Any] = [None] * dist.get_world_size()
     dist.all_gather_object(out, obj)
+    return out
+
+
+def gather_object(obj: T, dst: int = 0) -> list[T] | None:
+    """Every rank's ``obj`` in rank order on rank ``dst``, None on the others (collective; ``[obj]`` without a
+    process group). Only the receiver holds them all: a checkpoint writer needs them, the other ranks do not."""
+    if not _active():
+        return [obj]
+    out: list[Any] | None = [None] * dist.get_world_size() if dist.get_rank() == dst else None
+    dist.gather_object(obj, out, dst=dst)  # torch pickles onto the backend's device itself
     return out
 
 

@@ -187,7 +187,9 @@ class EngineConfig:
     precision: Literal["fp32", "bf16", "fp16"] = setting(
         "fp32", "`bf16` = autocast; `fp16` = autocast + GradScaler, GPU only: refused on a CPU device, where it runs "
                 "~40x slower than bf16")
-    compile: bool = setting(False, "`torch.compile` before the DDP wrap (refused with `engine.engine: deepspeed`)")
+    compile: bool = setting(False, "`torch.compile` of the DDP-wrapped model, so DDP's optimizer splits the graph at "
+                                   "gradient-bucket boundaries and the all-reduce overlaps the backward (refused with "
+                                   "`engine.engine: deepspeed`)")
     sync_bn: bool = setting(False, "SyncBatchNorm under DDP (refused with `engine.engine: deepspeed`)")
     zero_stage: Literal[0, 1, 2] = setting(0, "DeepSpeed ZeRO stage (needs `engine.engine: deepspeed` above 0)")
     tf32: bool = setting(True, "TF32 matmul/cuDNN on GPUs (both engines)")

@@ -213,10 +213,10 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
     args = build_parser().parse_args(argv)
     from bgtrain.checkpoint import classes_in, load_model_for_eval
     from bgtrain.cli import DataError, UsageError
-    from bgtrain.collectives import sum_over_ranks
     from bgtrain.data import build_loader
     from bgtrain.distributed import init_distributed, shutdown
-    from bgtrain.predict import predict
+    from bgtrain.engines.base import EvalEngine
+    from bgtrain.predict import score_split
     from shards.format import read_manifest
 
     manifest = read_manifest(args.shards)  # a bad folder fails before any process group
@@ -237,11 +237,17 @@ def main(argv: Sequence[str] | None = None) -> dict | None:
         if args.alpha_eval is not None:
             model.alpha_eval = args.alpha_eval
         cfg.data.shards = args.shards
+        # Scored as the training's own validation scored: the same loader settings, the config's precision and
+        # weight layout (EvalEngine), and the trainer's scoring pass.
+        engine = EvalEngine(cfg, model, device)
+        if engine.fp32_instead_of and world.is_main:
+            print(f"note: the checkpoint trained in {engine.fp32_instead_of}, which a CPU device does not run "
+                  "(see engine.precision); scoring in fp32", file=sys.stderr)
         loader = build_loader(cfg.data, args.split, world, device, train=False, seed=cfg.seed,
                               channels_last=cfg.model.channels_last)
-        scores, labels = predict(model, loader)
+        counts: dict = {}
+        scores, labels, _ = score_split(engine, loader, counts=counts)
         res = sharded_ap_with_counts(scores, labels)
-        counts = sum_over_ranks(loader.counts(), device)
         result = None
         if world.is_main:
             result = report(res.ap, manifest, args.groups, args.no_positive, res.n_pos, args.group_counts,

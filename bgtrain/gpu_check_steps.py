@@ -135,7 +135,7 @@ def _is_sync_error(error: BaseException) -> bool:
 def scheme_steps(scheme: str, shards: Path, out_dir: Path, cuda: bool) -> dict[str, Any]:
     """Two epochs of one scheme's real steps; the steps after each epoch's first under sync-debug mode on CUDA."""
     from bgtrain import trainer as trainer_module
-    from bgtrain.trainer import score_split
+    from bgtrain.predict import score_split
 
     cfg = _config(shards, out_dir, cuda, [f"loss.scheme={scheme}"])
     trainer = trainer_module.Trainer(cfg)

@@ -5,7 +5,9 @@ from collections.abc import Callable, Iterable
 
 import torch
 
-from bgtrain.data import Batch
+from bgtrain.collectives import sum_over_ranks
+from bgtrain.data import Batch, Loader
+from bgtrain.engines.base import Engine
 
 
 def predict(logits_fn: Callable[[torch.Tensor], torch.Tensor], batches: Iterable[Batch], with_ids: bool = False):
@@ -21,3 +23,21 @@ def predict(logits_fn: Callable[[torch.Tensor], torch.Tensor], batches: Iterable
         raise ValueError("no batches to score")
     out = (torch.cat(scores), torch.cat(labels))
     return out + (torch.cat(ids),) if with_ids else out
+
+
+def score_split(engine: Engine, loader: Loader, counts: dict | None = None):
+    """(scores, labels, sample ids) of this rank's share of ``loader``'s split, in eval mode (the evaluation alpha).
+
+    ``counts``, when given, is filled with the pass's samples, corrupt samples and padding, summed over ranks
+    (collective), so a score computed on less data than asked can say so. The scoring pass of the training's
+    validation and test and of ``python -m bgtrain.evaluate``.
+    """
+    loader.set_epoch(1, 0)  # a whole pass, in order, each time the loader is reused
+    engine.train(False)
+    try:
+        scored = predict(engine.eval_logits, loader, with_ids=True)
+    finally:
+        engine.train(True)
+    if counts is not None:
+        counts.update(sum_over_ranks(loader.counts(), loader.device))
+    return scored

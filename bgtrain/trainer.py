@@ -24,7 +24,7 @@ from bgtrain.losses import Criterion, LossOutput, build_criterion
 from bgtrain.metrics import mean_ap
 from bgtrain.model import CamResNet, build_model
 from bgtrain.ops import active_implementation
-from bgtrain.predict import predict
+from bgtrain.predict import score_split
 from bgtrain.report.cams import EpochCams
 from bgtrain.report.tensorboard import TensorBoardSink
 from bgtrain.runlog import EpochTimes, RunLogger
@@ -85,23 +85,6 @@ def seed_everything(seed: int, rank: int) -> None:
     torch.manual_seed(seed)  # same on all ranks: identical initial weights even before DDP's broadcast
     np.random.seed(seed + rank)
     random.seed(seed + rank)
-
-
-def score_split(engine: Engine, loader: Loader, counts: dict | None = None):
-    """(scores, labels, sample ids) of this rank's share of ``loader``'s split, in eval mode (the evaluation alpha).
-
-    ``counts``, when given, is filled with the pass's samples, corrupt samples and padding, summed over ranks
-    (collective), so a score computed on less data than asked can say so.
-    """
-    loader.set_epoch(1, 0)  # a whole pass, in order, each time the loader is reused
-    engine.train(False)
-    try:
-        scored = predict(engine.eval_logits, loader, with_ids=True)
-    finally:
-        engine.train(True)
-    if counts is not None:
-        counts.update(sum_over_ranks(loader.counts(), loader.device))
-    return scored
 
 
 def evaluate_map(engine: Engine, cfg: TrainConfig, loader: Loader) -> tuple[float, dict]:

@@ -52,3 +52,43 @@ def test_zero_bf16_resume_equals_uninterrupted(smoke_shards, tmp_path, stage):
     for key, value in a["engine"]["model"].items():
         assert torch.equal(value, b["engine"]["model"][key]), key
     assert losses(tmp_path / "full") == losses(tmp_path / "split")
+
+
+def _buffers(rank: int) -> list[torch.Tensor]:
+    """Buffers of every kind a model may hold, rank-dependent: odd-sized float32 (misaligning what follows),
+    a 0-dim int64 (num_batches_tracked), bool, and a channels-last 4-D tensor."""
+    return [torch.full((3,), rank + 0.5), torch.tensor(7 * rank), torch.tensor([rank == 0, True]),
+            torch.full((2, 3, 2, 2), float(rank)).contiguous(memory_format=torch.channels_last)]
+
+
+def _coalesced_worker(rank: int, world: int, port: int, out_dir: str) -> None:
+    import torch.distributed as dist
+
+    from bgtrain.collectives import broadcast_coalesced, gather_object
+    from tests.conftest import join_gloo_group
+    join_gloo_group(rank, world, port)
+    try:
+        buffers, calls = _buffers(rank), []
+        original = dist.broadcast
+        dist.broadcast = lambda *a, **k: (calls.append(1), original(*a, **k))[1]
+        try:
+            broadcast_coalesced(buffers, src=0)
+        finally:
+            dist.broadcast = original
+        torch.save({"buffers": buffers, "broadcasts": len(calls), "gathered": gather_object({"rank": rank}),
+                    "channels_last": buffers[3].is_contiguous(memory_format=torch.channels_last)},
+                   Path(out_dir, f"rank{rank}.pt"))
+    finally:
+        dist.destroy_process_group()
+
+
+def test_buffers_travel_in_one_broadcast_and_optimizer_state_gathers_to_the_writer_only(tmp_path):
+    import torch.multiprocessing as mp
+    mp.spawn(_coalesced_worker, args=(2, free_port(), str(tmp_path)), nprocs=2, join=True)
+    for rank in range(2):
+        out = torch.load(tmp_path / f"rank{rank}.pt", weights_only=True)
+        assert out["broadcasts"] == 1
+        for got, want in zip(out["buffers"], _buffers(0)):
+            assert got.dtype == want.dtype and torch.equal(got, want)
+        assert out["channels_last"]  # written in place: each buffer keeps its layout
+        assert out["gathered"] == ([{"rank": 0}, {"rank": 1}] if rank == 0 else None)

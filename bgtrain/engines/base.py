@@ -41,6 +41,58 @@ class Engine(Protocol):
         ...
 
 
+def eval_logits(module: nn.Module, images: torch.Tensor, device_type: str, dtype: torch.dtype) -> torch.Tensor:
+    """Float32 logits of ``module`` under the precision's autocast, without gradients: the evaluation forward of
+    every engine and of :class:`EvalEngine` (``python -m bgtrain.evaluate``), so both score alike."""
+    with torch.no_grad(), torch.autocast(device_type, dtype=dtype, enabled=dtype != torch.float32):
+        return module(images).float()
+
+
+def weight_memory_format(cfg: TrainConfig) -> torch.memory_format:
+    """The layout of the weights an engine trains and evaluates with: channels-last when ``model.channels_last``,
+    except under DeepSpeed, whose flat ZeRO buffers keep the default layout."""
+    if cfg.model.channels_last and cfg.engine.engine != "deepspeed":
+        return torch.channels_last
+    return torch.contiguous_format
+
+
+class EvalEngine:
+    """The evaluation half of an engine, for a trained model outside training (``python -m bgtrain.evaluate``).
+
+    It scores the way the training's own validation did: the checkpoint config's precision (autocast) and weight
+    layout, through the same :func:`eval_logits`, so ``bgtrain.evaluate`` reproduces the mAP the run reported.
+    fp16 is the exception on a CPU device (refused for training there, see :func:`check_device`): it is scored
+    in fp32, and ``fp32_instead_of`` says so.
+    """
+
+    name = "eval"
+
+    def __init__(self, cfg: TrainConfig, model: nn.Module, device: torch.device) -> None:
+        self.device = device
+        precision = cfg.engine.precision
+        self.fp32_instead_of = precision if device.type == "cpu" and precision == "fp16" else None
+        self.dtype = torch.float32 if self.fp32_instead_of else DTYPES[precision]
+        # torch's stubs lack the to(device, memory_format=...) overload that Module.to accepts
+        self.module = model.to(device, memory_format=weight_memory_format(cfg))  # type: ignore[call-overload]
+        self.module.eval()
+
+    def eval_logits(self, images: torch.Tensor) -> torch.Tensor:
+        return eval_logits(self.module, images, self.device.type, self.dtype)
+
+    def train(self, mode: bool = True) -> None:
+        """Evaluation only: the model stays in eval mode whatever is asked (the scoring loop asks for both)."""
+        self.module.eval()
+
+    def step(self, images: torch.Tensor, loss_fn: Callable[[torch.Tensor], LossOutput]) -> LossOutput:
+        raise TypeError("EvalEngine does not train")
+
+    def state_dict(self) -> dict:
+        return {"model": self.module.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.module.load_state_dict(state["model"])
+
+
 def param_groups(model: nn.Module, lr: float, head_lr_mult: float) -> list[dict]:
     """The paper's two learning rates: the trunk at lr, the 1x1 classifier at lr * head_lr_mult."""
     # model is a CamResNet, or torch.compile's wrapper of one (which forwards attribute look-ups to it)

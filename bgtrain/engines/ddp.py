@@ -11,8 +11,22 @@ from torch.nn.parallel import DistributedDataParallel
 
 from bgtrain.config import TrainConfig
 from bgtrain.distributed import WorldInfo
-from bgtrain.engines.base import DTYPES, apply_determinism, apply_tf32, build_optimizer
+from bgtrain.engines.base import DTYPES, apply_determinism, apply_tf32, build_optimizer, eval_logits
 from bgtrain.losses.functional import LossOutput
+
+
+def mark_batch_dynamic(images: torch.Tensor) -> None:
+    """Compile the batch dimension as a symbol, so a short batch (an epoch's last, a rank's share of it) reuses
+    the one compiled graph instead of compiling another on each rank where it occurs.
+
+    Marked rather than padded: padding rows would feed BatchNorm's batch statistics and running buffers (the
+    trainer forwards only a batch's valid rows for that reason; see ``train_step``), so a padded step would not
+    be the same step. ``maybe_mark_dynamic`` and not ``mark_dynamic``: a 0-row step (a rank without valid rows,
+    which must still join the all-reduce) or a 1-row one is specialised by Dynamo, which ``mark_dynamic`` turns
+    into an error; those sizes compile once each instead, and only when they occur.
+    """
+    if images.dim() > 0 and images.shape[0] > 1:
+        torch._dynamo.maybe_mark_dynamic(images, 0)
 
 
 class DDPEngine:
@@ -28,11 +42,17 @@ class DDPEngine:
             model = nn.SyncBatchNorm.convert_sync_batchnorm(model)
         self.module = model.to(device)
         self.optimizer = build_optimizer(self.module, cfg)
-        # compile before the wrap; compiling a Module gives an OptimizedModule (a Module; torch's stub says Callable)
-        runner = cast(nn.Module, torch.compile(self.module)) if cfg.engine.compile else self.module
-        self.model: nn.Module = (
-            DistributedDataParallel(runner, device_ids=[device.index] if device.type == "cuda" else None)
-            if world.world_size > 1 else runner)
+        # DDP wraps the plain module; the compile goes around DDP, as torch documents: Dynamo's DDPOptimizer then
+        # splits the graph at DDP's bucket boundaries, so each bucket's all-reduce starts while the backward of
+        # the layers before it still runs. (Compiling inside DDP gives one backward graph whose gradients all
+        # arrive at its end, and the all-reduce waits for the whole backward.) ``self.module`` stays the plain
+        # model, so state dicts never carry ``module.`` or ``_orig_mod.`` prefixes.
+        self.ddp: DistributedDataParallel | None = (
+            DistributedDataParallel(self.module, device_ids=[device.index] if device.type == "cuda" else None)
+            if world.world_size > 1 else None)
+        wrapped: nn.Module = self.ddp if self.ddp is not None else self.module
+        # compiling a Module gives an OptimizedModule (a Module; torch's stub says Callable)
+        self.model: nn.Module = cast(nn.Module, torch.compile(wrapped)) if cfg.engine.compile else wrapped
         self.dtype = DTYPES[cfg.engine.precision]
         self.scaler = torch.amp.GradScaler(device.type, enabled=cfg.engine.precision == "fp16")
         self.micro_step = 0
@@ -46,9 +66,11 @@ class DDPEngine:
         place in a bucket decides the order in which the all-reduce adds the ranks' values, and from 3 ranks on
         that changes the last bits (2 ranks: a + b = b + a). One backward of an empty batch, in eval mode so
         that BatchNorm's statistics stay as they are, makes every run regroup before its first step; its zero
-        gradients are dropped. A compiled model is left alone: an empty batch would cost it a compile.
+        gradients are dropped. It runs through the uncompiled DDP wrapper even when ``engine.compile`` is on: the
+        regrouping is DDP's own (eager) bookkeeping, and an empty batch through the compiled model would cost a
+        compile of its own.
         """
-        if not isinstance(self.model, DistributedDataParallel) or self.cfg.engine.compile:
+        if self.ddp is None:
             return
         size = self.cfg.data.image_size
         empty = torch.zeros((0, 3, size, size), device=self.device)
@@ -57,7 +79,7 @@ class DDPEngine:
         was_training = self.module.training
         self.module.eval()
         with self.autocast():
-            logits = self.model(empty)
+            logits = self.ddp(empty)
         logits.float().sum().backward()
         for p in self.module.parameters():
             p.grad = None
@@ -71,9 +93,10 @@ class DDPEngine:
         accum = self.cfg.optim.grad_accum
         self.micro_step += 1
         boundary = self.micro_step % accum == 0
-        # the model is DDP-wrapped exactly when world_size > 1
-        sync = (self.model.no_sync() if not boundary and isinstance(self.model, DistributedDataParallel)
-                else contextlib.nullcontext())
+        # DDP-wrapped exactly when world_size > 1; no_sync is DDP's eager flag, which its compiled form honours too
+        sync = self.ddp.no_sync() if not boundary and self.ddp is not None else contextlib.nullcontext()
+        if self.cfg.engine.compile:
+            mark_batch_dynamic(images)
         with sync:
             with self.autocast():
                 logits = self.model(images)
@@ -89,8 +112,7 @@ class DDPEngine:
         return out
 
     def eval_logits(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), self.autocast():
-            return self.module(images).float()
+        return eval_logits(self.module, images, self.device.type, self.dtype)
 
     def state_dict(self) -> dict:
         return {"model": self.module.state_dict(), "optimizer": self.optimizer.state_dict(),

@@ -3,13 +3,15 @@
 - bf16/fp16 go through DeepSpeed's ``torch_autocast`` section, not its ``bf16`` mode: that mode casts
   the whole module, BatchNorm included, while autocast keeps BatchNorm and master weights in fp32.
 - DeepSpeed broadcasts parameters but not buffers, so BatchNorm running statistics would drift apart
-  between ranks. Like DDP's ``broadcast_buffers``, rank 0's buffers are broadcast before every forward.
+  between ranks. Like DDP's ``broadcast_buffers``, rank 0's buffers are broadcast before every forward, all
+  of them in one flat broadcast (a ResNet-50 has 159 BatchNorm buffers: one collective, not 159).
 - Gradient clipping is passed explicitly (DeepSpeed's default is 0, i.e. off).
 - Weights keep the default memory layout (ZeRO's flat buffers need it); the inputs stay channels-last.
 - A torch Adam is handed to ``deepspeed.initialize``, so no C++ optimizer is JIT-compiled.
 - Checkpoints stay single files loadable with ``weights_only=True``: the ZeRO optimizer state of every
-  rank is gathered and stripped of its Python objects (loss scaler, enums, slice maps), which are
-  rebuilt from the live optimizer on load. Resuming needs the same world size.
+  rank is gathered to rank 0 (the writer; the other ranks hold none of it) and stripped of its Python
+  objects (loss scaler, enums, slice maps), which are rebuilt from the live optimizer on load. Resuming
+  needs the same world size.
 - ``engine.compile`` and ``engine.sync_bn`` are not supported here; config validation refuses them.
 """
 from __future__ import annotations
@@ -20,10 +22,17 @@ import torch
 import torch.distributed as dist
 from torch import nn
 
-from bgtrain.collectives import all_gather_object, broadcast_tensor
+from bgtrain.collectives import broadcast_coalesced, gather_object
 from bgtrain.config import TrainConfig
 from bgtrain.distributed import WorldInfo
-from bgtrain.engines.base import DTYPES, apply_determinism, apply_tf32, build_optimizer
+from bgtrain.engines.base import (
+    DTYPES,
+    apply_determinism,
+    apply_tf32,
+    build_optimizer,
+    eval_logits,
+    weight_memory_format,
+)
 from bgtrain.losses.functional import LossOutput
 
 _DROPPED = ("loss_scaler", "param_slice_mappings", "ds_version")
@@ -60,15 +69,14 @@ class DeepSpeedEngine:
         # ZeRO flattens parameters into contiguous buffers and its broadcast views them as bytes, so
         # weights stay in the default layout here; inputs are still channels-last.
         # torch's stubs lack the to(device, memory_format=...) overload that Module.to accepts
-        self.module = model.to(device, memory_format=torch.contiguous_format)  # type: ignore[call-overload]
+        self.module = model.to(device, memory_format=weight_memory_format(cfg))  # type: ignore[call-overload]
         optimizer = build_optimizer(self.module, cfg)
         self.model, self.optimizer, _, _ = deepspeed.initialize(model=self.module, optimizer=optimizer,
                                                                 config=deepspeed_config(cfg))
         self.dtype = DTYPES[cfg.engine.precision]
 
     def _sync_buffers(self) -> None:
-        for buf in self.module.buffers():
-            broadcast_tensor(buf, src=0)
+        broadcast_coalesced(list(self.module.buffers()), src=0)
 
     def step(self, images: torch.Tensor, loss_fn: Callable[[torch.Tensor], LossOutput]) -> LossOutput:
         self._sync_buffers()
@@ -79,8 +87,7 @@ class DeepSpeedEngine:
         return out
 
     def eval_logits(self, images: torch.Tensor) -> torch.Tensor:
-        with torch.no_grad(), torch.autocast(self.device.type, dtype=self.dtype, enabled=self.dtype != torch.float32):
-            return self.module(images).float()
+        return eval_logits(self.module, images, self.device.type, self.dtype)
 
     def _optimizer_state(self) -> dict:
         state = self.optimizer.state_dict()
@@ -90,8 +97,9 @@ class DeepSpeedEngine:
         return safe
 
     def state_dict(self) -> dict:
-        """Model, and every rank's optimizer state (a collective: all ranks must call it)."""
-        shards = all_gather_object(self._optimizer_state())
+        """Model, and every rank's optimizer state on rank 0 (the checkpoint writer), None in its place on the
+        other ranks (a collective: all ranks must call it)."""
+        shards = gather_object(self._optimizer_state(), dst=0)
         return {"model": self.module.state_dict(), "optimizer_shards": shards,
                 "global_steps": self.model.global_steps, "micro_steps": self.model.micro_steps}
 

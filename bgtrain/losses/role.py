@@ -105,17 +105,23 @@ class RoleCriterion(Criterion):
         rows = valid_rows(valid, labels.shape[0], logits.device)
         ids = torch.where(rows, sample_ids.to(logits.device).long(), 0)  # placeholders carry id -1
         estimate = self._first_sight(self.table.detach()[ids], labels, ~self.seen[ids]).requires_grad_(True)
-        self._pending = (torch.where(rows, ids, -1), estimate, labels, rows)
         loss = role_loss(logits, estimate, labels, self.expected, rows)
+        # The table's gradient is taken here, from this loss itself, not read from ``estimate.grad`` after the
+        # engine's backward: that one is multiplied by the fp16 GradScaler's scale (which changes between steps,
+        # and Adam's moments would mix differently scaled gradients) and by whatever else an engine applies to the
+        # loss (1 / grad_accum, DeepSpeed's own loss scaler). This gradient is the unscaled fp32 one in every
+        # engine and precision. Only the table's branch of the graph runs (the estimate does not reach the model);
+        # the graph is kept for the engine's backward.
+        (grad,) = torch.autograd.grad(loss, estimate, retain_graph=True)
+        self._pending = (torch.where(rows, ids, -1), grad, labels, rows)
         return LossOutput(loss, torch.zeros_like(labels, dtype=torch.bool))
 
     def after_step(self, out: LossOutput | None = None, sample_ids: torch.Tensor | None = None) -> None:
         """One Adam step of the table on the gradient rows of every rank's batch (collective)."""
         if self._pending is None:
             return
-        ids, estimate, labels, rows = self._pending
+        ids, grad, labels, rows = self._pending
         self._pending = None
-        grad = estimate.grad if estimate.grad is not None else torch.zeros_like(estimate)
         grad = torch.where(rows[:, None], grad.float(), 0.0)
         bound = self.batch_rows or max_over_ranks(ids.shape[0])
         world = rank_and_world()[1]  # Adam hardly sees this scale; it keeps the gradient that of the mean rank loss
@@ -123,7 +129,7 @@ class RoleCriterion(Criterion):
         grad = all_gather_padded(grad, bound, 0.0) / world
         if ids.numel():
             self._first_sights(ids, labels)
-        if not bool(torch.isfinite(grad).all()):  # an fp16 overflow step: the model's optimizer skips it too
+        if not bool(torch.isfinite(grad).all()):  # non-finite logits (an fp16 overflow in the forward)
             return
         dense = torch.zeros_like(self.table)
         dense.index_put_((ids.clamp(min=0),), grad, accumulate=True)  # padding rows add +0.0 to row 0: no change
