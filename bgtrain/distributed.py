@@ -80,9 +80,54 @@ def world_info_from_env(env: Mapping[str, str] | None = None) -> WorldInfo:
     return WorldInfo(node=node)
 
 
+DEVICE_ENV = "BGTRAIN_DEVICE"  # auto|cuda: `cuda` makes every process started here require a GPU (as device: cuda)
+
+
+class DeviceError(RuntimeError):
+    """The run asks for CUDA and this process has no usable GPU; the message is one line naming the cause."""
+
+
+def requested_device(configured: str = "auto") -> str:
+    """``cuda`` when the config's ``device`` or $BGTRAIN_DEVICE asks for it, else ``auto``."""
+    env = os.environ.get(DEVICE_ENV, "").strip().lower()
+    if env not in ("", "auto", "cuda"):
+        raise DeviceError(f"{DEVICE_ENV}={env!r} is not one of auto, cuda")
+    return "cuda" if "cuda" in (env, configured) else "auto"
+
+
+def check_device(requested: str, local_rank: int = 0) -> None:
+    """Raise DeviceError (one line) when `requested` is ``cuda`` and this process would run on the CPU.
+
+    A run configured for CUDA never falls back to CPU processes on gloo silently: no GPU visible (a job submitted
+    without --gpus-per-node / --gres, CUDA_VISIBLE_DEVICES empty, a CPU-only torch) or fewer GPUs than this node's
+    processes stops it here, before any process group starts.
+    """
+    if requested != "cuda":
+        return
+    where = f"rank {os.environ.get('RANK', '0')} on {os.environ.get('SLURMD_NODENAME') or socket.gethostname()}"
+    if torch.version.cuda is None:
+        raise DeviceError(f"device=cuda but torch {torch.__version__} is a CPU-only build ({where}): install a CUDA "
+                          "build of torch, or set device=auto to allow CPU processes on gloo")
+    if not torch.cuda.is_available():
+        visible = os.environ.get("CUDA_VISIBLE_DEVICES")
+        cause = (f"CUDA_VISIBLE_DEVICES={visible!r} hides them" if visible is not None and not visible.strip(",")
+                 else "no GPU is visible")
+        raise DeviceError(f"device=cuda but {cause} ({where}): submit the job with GPUs (sbatch --gpus-per-node=N "
+                          "or --gres=gpu:N; reproduce --slurm --gpus-per-node N), or set device=auto to allow CPU "
+                          "processes on gloo")
+    count = torch.cuda.device_count()
+    if local_rank >= count:
+        raise DeviceError(f"device=cuda but local rank {local_rank} has no GPU of its own: {count} visible ({where}); "
+                          "start at most one process per GPU (torchrun --nproc_per_node / NPROC)")
+
+
 def init_distributed(timeout_s: int = 300) -> tuple[WorldInfo, torch.device]:
-    """Start the process group (NCCL on GPUs, gloo on CPU) and pick this rank's device."""
+    """Start the process group (NCCL on GPUs, gloo on CPU) and pick this rank's device.
+
+    With $BGTRAIN_DEVICE=cuda a process without a GPU raises :class:`DeviceError` instead of running on the CPU.
+    """
     info = world_info_from_env()
+    check_device(requested_device(), info.local_rank)
     if torch.cuda.is_available():
         torch.cuda.set_device(info.local_rank)
         device = torch.device("cuda", info.local_rank)

@@ -1,7 +1,9 @@
 """``python -m bgtrain.reproduce``: run a paper table's rows from configs and print ours next to the paper's.
 
 Each row is ``configs/<dataset>/<row>.yaml``; rows run one after another under torchrun on this
-machine, or as Slurm jobs (``--slurm``) through ``slurm/train_openimages.sh``.
+machine, or as Slurm jobs (``--slurm``) through ``slurm/train_openimages.sh``. ``--slurm --gpus-per-node N`` asks
+Slurm for N GPUs per node and runs the rows with ``device=cuda``; a row whose config says ``device: cuda`` is
+refused without it, so no row configured for GPUs trains on CPU processes silently.
 
 Two steps follow the paper's protocol rather than training every row:
 
@@ -136,11 +138,32 @@ def pretrain(dataset: str, shards: str, out_root: Path, nproc: int, configs: Pat
     return trunk
 
 
-def run_slurm(config: Path, overrides: list[str], nodes: int, log_path: Path) -> int:
+def train_script() -> Path:
+    """slurm/train_openimages.sh of this checkout (so ``--slurm`` works from any folder), else the relative path."""
+    script = Path(__file__).resolve().parents[1] / "slurm" / "train_openimages.sh"
+    return script if script.is_file() else Path("slurm/train_openimages.sh")
+
+
+def sbatch_command(nodes: int, log_path: Path, gpus_per_node: int | None) -> list[str]:
+    """The ``sbatch`` line of one row; ``--gpus-per-node`` asks Slurm for the GPUs the row trains on."""
+    gpus = [f"--gpus-per-node={gpus_per_node}"] if gpus_per_node else []
+    return ["sbatch", "--wait", f"--nodes={nodes}", *gpus, f"--output={log_path}", str(train_script())]
+
+
+def run_slurm(config: Path, overrides: list[str], nodes: int, log_path: Path, gpus_per_node: int | None = None) -> int:
     """One row as a Slurm job (``sbatch --wait``); rows run concurrently as the cluster allows."""
     env = {**os.environ, "BGTRAIN_CONFIG": str(config), "BGTRAIN_OVERRIDES": " ".join(overrides)}
-    cmd = ["sbatch", "--wait", f"--nodes={nodes}", f"--output={log_path}", "slurm/train_openimages.sh"]
-    return subprocess.call(cmd, env=env)
+    if gpus_per_node:
+        env["GPUS_PER_NODE"] = str(gpus_per_node)  # one process per GPU (slurm/train_openimages.sh)
+    return subprocess.call(sbatch_command(nodes, log_path, gpus_per_node), env=env)
+
+
+def check_slurm_devices(jobs: dict[str, tuple[Path, list[str], TrainConfig]], gpus_per_node: int | None) -> None:
+    """Refuse, in one line, rows configured for CUDA (``device: cuda``) that would be submitted without GPUs."""
+    cuda_rows = [row for row, (_, _, cfg) in jobs.items() if cfg.device == "cuda"]
+    if cuda_rows and not gpus_per_node:
+        raise ConfigError(f"rows {', '.join(cuda_rows)} have device: cuda, and --slurm would submit them without "
+                          "GPUs: pass --gpus-per-node N (GPUs per node each row's job asks for), or set device=auto")
 
 
 def collect(out_root: Path, table: str, dataset: str, rows: list[str], codes: dict[str, int],
@@ -215,13 +238,13 @@ class Stopwatch:
 
 
 def run_rows(table: str, jobs: dict, out_root: Path, nproc: int, slurm: bool, nodes: int, console: Console,
-             clock: Stopwatch) -> dict[str, int]:
+             clock: Stopwatch, gpus_per_node: int | None = None) -> dict[str, int]:
     """Train every row (locally one after another, or all at once on Slurm), then the evaluation-only rows."""
     codes: dict[str, int] = {}
     train_rows = {row: job for row, job in jobs.items() if (table, row) not in EVAL_ONLY}
     if slurm and train_rows:
         with ThreadPoolExecutor(len(train_rows)) as pool:
-            futures = {row: pool.submit(run_slurm, c, o, nodes, out_root / f"{row}.log")
+            futures = {row: pool.submit(run_slurm, c, o, nodes, out_root / f"{row}.log", gpus_per_node)
                        for row, (c, o, _) in train_rows.items()}
             codes = {row: f.result() for row, f in futures.items()}
     for row, (config, overrides, cfg) in jobs.items():
@@ -269,6 +292,10 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--slurm", action="store_true", help="submit each trained row with sbatch instead "
                                                              "(evaluation-only rows then run here)")
     parser.add_argument("--nodes", type=int, default=1, help="nodes per row with --slurm")
+    parser.add_argument("--gpus-per-node", type=int, default=None, metavar="N",
+                        help="with --slurm: GPUs each row's job asks for on every node (sbatch --gpus-per-node=N, "
+                             "one process per GPU), and the rows run with device=cuda, so none trains on CPU "
+                             "silently; required when a row's config has device: cuda")
     parser.add_argument("overrides", nargs="*", help="key.sub=value applied to every row, e.g. optim.epochs=1")
     args = parser.parse_args(argv)
     dataset = args.dataset or {"openimages": "openimages", "demo": "demo"}.get(args.table)
@@ -280,15 +307,25 @@ def main(argv: list[str] | None = None) -> int:
         parser.error(f"rows {unknown} are not in table {args.table}: {TABLES[args.table]}")
     if args.pretrain and args.slurm:
         parser.error("--pretrain runs on this machine; with --slurm, pretrain first and pass model.pretrained=PATH")
+    if args.gpus_per_node is not None and (not args.slurm or args.gpus_per_node < 1):
+        parser.error("--gpus-per-node takes a count >= 1 and goes with --slurm (local rows use the GPUs they see)")
     out_root = args.out or Path("runs") / dataset
     trunk = out_root / "pretrain" / "trunk.pt" if args.pretrain else None
+    # GPUs asked of Slurm are GPUs to train on: a row that lands on a node without one stops, never trains on CPU.
+    overrides = ["device=cuda", *args.overrides] if args.gpus_per_node else args.overrides
     try:
         if args.pretrain:
             load_config(row_config(dataset, "pretrain", args.configs), [f"data.shards={args.pretrain}"])
-        jobs = plan_rows(args.table, dataset, rows, args.shards, out_root, args.overrides, args.configs, trunk)
+        jobs = plan_rows(args.table, dataset, rows, args.shards, out_root, overrides, args.configs, trunk)
+        if args.slurm:
+            check_slurm_devices({r: j for r, j in jobs.items() if (args.table, r) not in EVAL_ONLY},
+                                args.gpus_per_node)
     except (ConfigError, FileNotFoundError) as e:
         print(f"reproduce: {e}", file=sys.stderr)
         return 2
+    if args.slurm and not args.gpus_per_node:
+        print("reproduce: --slurm without --gpus-per-node: the rows' jobs ask Slurm for no GPU, so they train as CPU "
+              "processes on gloo unless the cluster gives GPUs by default", file=sys.stderr)
     out_root.mkdir(parents=True, exist_ok=True)
     console, clock = Console(), Stopwatch()
     if args.pretrain:
@@ -300,7 +337,8 @@ def main(argv: list[str] | None = None) -> int:
             return 1
         spent = clock.stop("pretrain", started)
         console.log(f"pretraining: {spent['wall_s']:.0f} s wall, {spent['cpu_s']:.0f} s CPU (all processes)")
-    codes = run_rows(args.table, jobs, out_root, args.nproc, args.slurm, args.nodes, console, clock)
+    codes = run_rows(args.table, jobs, out_root, args.nproc, args.slurm, args.nodes, console, clock,
+                     args.gpus_per_node)
     results = collect(out_root, args.table, dataset, rows, codes, clock.times)
     table, markdown = render(results, args.table, dataset)
     console.print(table)

@@ -23,6 +23,28 @@ def run(cfg: TrainConfig) -> dict:
     return Trainer(cfg).fit()
 
 
+def check_devices(cfg: TrainConfig, local_rank: int) -> str | None:
+    """Start-up checks of what the config asks of this machine; one line naming the cause, or None.
+
+    ``device: cuda`` (or $BGTRAIN_DEVICE=cuda) needs a GPU for this rank, and ``ops.boostlu: cuda`` (or
+    $BGTRAIN_BOOSTLU=cuda) a loadable CUDA extension: neither falls back to CPU / the reference silently. The BoostLU
+    implementation is resolved here, so a build (when nothing was prebuilt) happens before the process group.
+    """
+    import torch
+
+    from bgtrain.distributed import DeviceError, check_device, requested_device
+    from bgtrain.ops import dispatch
+
+    try:
+        check_device(requested_device(cfg.device), local_rank)
+        dispatch.configure(cfg.ops.boostlu)
+        device = "cuda" if torch.cuda.is_available() else "cpu"
+        dispatch.require(device)
+    except (DeviceError, dispatch.BoostLUUnavailable) as e:
+        return str(e)
+    return None
+
+
 def main(argv: list[str] | None = None) -> int:
     """Parse the command line, load the config, train; 2 and one line on stderr for a config error."""
     prefer_huge_pages()
@@ -50,6 +72,10 @@ def main(argv: list[str] | None = None) -> int:
     from bgtrain.checkpoint import prepare_resume
     from bgtrain.distributed import restart_count, shutdown, world_info_from_env
     world = world_info_from_env()
+    problem = check_devices(cfg, world.local_rank)
+    if problem:
+        print(f"bgtrain.train: {problem}", file=sys.stderr)
+        return 2
     cfg, notes = prepare_resume(cfg, world.world_size, world.rank, restart_count(), args.overwrite,
                                 args.force_resume)
     if world.is_main:

@@ -32,6 +32,7 @@ from cluster.slurm_config import (
     DEFAULT_DIR,
     ClusterError,
     ClusterSpec,
+    gres_conf,
     hosts_add,
     hosts_remove,
     load_spec,
@@ -160,7 +161,8 @@ def _run(cmd: list[str], spec: ClusterSpec, timeout: float = 10) -> subprocess.C
 
 
 def _start(cmd: list[str], name: str, spec: ClusterSpec) -> None:
-    proc = subprocess.run(cmd, env={**os.environ, "PATH": SBIN_PATH}, capture_output=True, text=True)
+    proc = subprocess.run(cmd, env={**os.environ, **slurm_env(spec), "PATH": SBIN_PATH}, capture_output=True,
+                          text=True)
     # These daemons fork and the parent exits 0 before binding ports: give the child a moment, then look.
     deadline = time.monotonic() + 5
     while proc.returncode == 0 and time.monotonic() < deadline:
@@ -229,6 +231,7 @@ def up(spec: ClusterSpec) -> None:
                 f"--log-file={m}/munged.log", f"--seed-file={m}/munged.seed"], "munged", spec)
         spec.conf.write_text(slurm_conf(spec, socket.gethostname().split(".")[0]))
         (spec.dir / "plugstack.conf").write_text("")
+        spec.gres_conf.write_text(gres_conf(spec))  # read from beside slurm.conf
         hosts_add(spec)
         _start(["slurmctld", "-f", str(spec.conf)], "slurmctld", spec)
         for node in spec.node_names:
@@ -326,13 +329,16 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--mem-mb", type=int, default=0,
                         help="RealMemory per node in MB (up; default 90%% of MemAvailable / nodes)")
     parser.add_argument("--prefix", default="node", help="node-name prefix (up; default node)")
+    parser.add_argument("--gpus", type=int, default=0,
+                        help="GPUs each node advertises as gres, counted only: no GPU is visible in a job (up; "
+                             "default 0)")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds to wait for idle nodes (default 60)")
     parser.add_argument("--keep-logs", action="store_true", help="down: keep the work folder and its logs")
     args = parser.parse_args(argv)
     if args.nodes < 1:
         parser.error("--nodes must be at least 1")
     given = dict(nodes=args.nodes, port=args.port, cpus=args.cpus, mem_mb=args.mem_mb, prefix=args.prefix,
-                 timeout=args.timeout)
+                 timeout=args.timeout, gpus=args.gpus)
     root = args.dir.resolve()
     try:
         if args.command == "up":

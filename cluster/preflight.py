@@ -77,7 +77,8 @@ def check_devices(world: WorldInfo, procs_per_node: int | None, require_gpu: boo
     n = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if n == 0:
         return Check(world.rank, world.node, "devices", not require_gpu,
-                     "no GPU: CPU processes on gloo" + (" but --require-gpu was given" if require_gpu else ""))
+                     "no GPU: CPU processes on gloo" + (" but --require-gpu was given (or the config's device: cuda); "
+                                                        "submit with --gpus-per-node=N" if require_gpu else ""))
     names = sorted({torch.cuda.get_device_name(i) for i in range(n)})
     ok = n >= want
     detail = f"{n} GPU(s) ({', '.join(names)}) for {want} process(es) on this node"
@@ -554,6 +555,8 @@ def apply_config(args: argparse.Namespace) -> TrainConfig:
         args.shards = [cfg.data.shards]
     if not args.checkpoint_dir:
         args.checkpoint_dir = cfg.out_dir
+    if cfg.device == "cuda":  # a run configured for CUDA must not start on CPU nodes
+        args.require_gpu = True
     return cfg
 
 
@@ -645,7 +648,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--procs-per-node", type=int, default=None,
                         help="processes each node will run, checked against its GPU count "
                              "(default LOCAL_WORLD_SIZE / tasks on this node)")
-    parser.add_argument("--require-gpu", action="store_true", help="fail on a node without a GPU")
+    parser.add_argument("--require-gpu", action="store_true",
+                        help="fail on a node without a GPU (implied by a --config with device: cuda)")
     depth = parser.add_mutually_exclusive_group()
     depth.add_argument("--full", action="store_true",
                        help="shards: walk every tar's headers on every node, checking its size and sample count "

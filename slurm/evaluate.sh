@@ -3,7 +3,7 @@
 #
 # Submit from the repository root, with the venv active:
 #   BGTRAIN_CHECKPOINT=runs/slurm/1234/checkpoints/best.pt BGTRAIN_SHARDS=/data/openimages-shards \
-#       sbatch --nodes=1 --gres=gpu:8 slurm/evaluate.sh
+#       sbatch --nodes=1 --gpus-per-node=8 slurm/evaluate.sh
 #   BGTRAIN_CHECKPOINT=... BGTRAIN_SHARDS=... BGTRAIN_EVAL_ARGS="--split val --alpha-eval 1" sbatch slurm/evaluate.sh
 #
 # Environment:
@@ -11,8 +11,10 @@
 #   BGTRAIN_SHARDS        shard folder with manifest.json (required)
 #   BGTRAIN_EVAL_ARGS     extra `bgtrain.evaluate` flags (--split, --alpha-eval, --no-positive, --groups, ...);
 #                         --out runs/slurm/$SLURM_JOB_ID is added unless --out is given here
-#   GPUS_PER_NODE, NPROC, BGTRAIN_RDZV_PORT, BGTRAIN_PREFLIGHT, BGTRAIN_PREFLIGHT_ARGS, BGTRAIN_PYTHON:
-#                         as in slurm/train_openimages.sh
+#   GPUS_PER_NODE, NPROC, BGTRAIN_RDZV_PORT, BGTRAIN_PREFLIGHT, BGTRAIN_PREFLIGHT_ARGS, BGTRAIN_PREBUILD,
+#   BGTRAIN_OPS_CACHE, BGTRAIN_PYTHON:
+#                         as in slurm/train_openimages.sh (the BoostLU extension is built once per node
+#                         before torchrun on GPU jobs)
 #
 # Logs: runs/slurm/$SLURM_JOB_ID/ holds batch.log (link to Slurm's --output) and node<N>.log per node;
 # map.json goes there too unless --out says otherwise.
@@ -41,6 +43,7 @@ SCRIPT=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *Command=\(
 source "$(dirname "${SCRIPT:-slurm/x}")/common.sh" || { log "cannot find slurm/common.sh next to $SCRIPT"; exit 2; }
 job_folder
 detect_devices
+gpu_request
 
 read -r -a EVAL_ARGS <<< "${BGTRAIN_EVAL_ARGS:-}"
 [[ " ${EVAL_ARGS[*]} " == *" --out"* ]] || EVAL_ARGS+=(--out "$JOB_DIR")
@@ -59,6 +62,7 @@ if [ "${BGTRAIN_PREFLIGHT:-1}" = 1 ]; then
     rc=$?
     if [ $rc -ne 0 ]; then log "preflight failed (exit code $rc); not evaluating"; exit $rc; fi
 fi
+prebuild_ops
 
 node_main() {
     local is_host=0

@@ -2,8 +2,9 @@
 # slurm/train_openimages.sh - BoostLU training on N Slurm nodes: one task per node, each runs torchrun.
 #
 # Submit from the repository root, with the venv active (its PATH is exported to the job):
-#   sbatch --nodes=4 --gres=gpu:8 slurm/train_openimages.sh
-#   BGTRAIN_OVERRIDES="loss.scheme=LL-Cp optim.lr=2e-5" sbatch --nodes=8 --gres=gpu:8 slurm/train_openimages.sh
+#   sbatch --nodes=4 --gpus-per-node=8 slurm/train_openimages.sh        # or --gres=gpu:8, your site's form
+#   BGTRAIN_OVERRIDES="loss.scheme=LL-Cp optim.lr=2e-5" sbatch --nodes=8 --gpus-per-node=8 slurm/train_openimages.sh
+#   BGTRAIN_OVERRIDES="device=cuda ops.boostlu=cuda" sbatch --nodes=2 --gpus-per-node=8 slurm/train_openimages.sh
 #   BGTRAIN_CONFIG=configs/smoke.yaml sbatch --wait --nodes=2 slurm/train_openimages.sh   # CPU, local cluster
 #
 # Environment (all optional):
@@ -19,12 +20,19 @@
 #   BGTRAIN_PREFLIGHT     0 = skip `python -m cluster.preflight`   [1]
 #   BGTRAIN_PREFLIGHT_ARGS extra preflight flags, e.g. "--min-free-gb 200 --require-gpu" ("--full" walks
 #                         every tar header on every node: O(samples); the default is O(shards) per node)
+#   BGTRAIN_PREBUILD      BoostLU extension build before torchrun, once per node: auto = on GPU jobs,
+#                         1 = also on CPU jobs (--cpu-only), 0 = never   [auto]
+#   BGTRAIN_OPS_CACHE     extension build cache, exported to the ranks   [~/.cache/bgtrain/ops]
 #   BGTRAIN_PYTHON        python to run                        [python]
 #
 # Logs: runs/slurm/$SLURM_JOB_ID/ holds batch.log (link to Slurm's --output), node<N>.log per node
-# (appended across requeues) and job.env (what was run). GPUs: this script does not request them
-# (a cluster without GPU gres config rejects --gres), so pass --gres=gpu:8 (or your site's form)
-# to sbatch. Without nvidia-smi or without a visible GPU it falls back to CPU processes on gloo.
+# (appended across requeues), prebuild-node<N>.log and job.env (what was run). GPUs: this script does
+# not request them (a cluster without GPU gres config rejects --gres), so pass --gpus-per-node=8 or
+# --gres=gpu:8 (or your site's form) to sbatch; `python -m bgtrain.reproduce --slurm --gpus-per-node 8`
+# does. Without nvidia-smi or without a visible GPU the job runs CPU processes on gloo, unless the
+# config has device: cuda: then preflight (and every rank) stops it in one line instead.
+# On GPU jobs `python -m bgtrain.ops build` runs once per node before torchrun (BGTRAIN_PREBUILD), so
+# no rank compiles the BoostLU extension at its first step.
 #
 #SBATCH --job-name=bgtrain-openimages
 #SBATCH --nodes=1
@@ -50,6 +58,7 @@ SCRIPT=$(scontrol show job "$SLURM_JOB_ID" 2>/dev/null | sed -n 's/^ *Command=\(
 source "$(dirname "${SCRIPT:-slurm/x}")/common.sh" || { log "cannot find slurm/common.sh next to $SCRIPT"; exit 2; }
 job_folder
 detect_devices
+gpu_request
 
 # Overrides: word-split on purpose (key=value items); the job folder is the run folder unless set.
 read -r -a OVERRIDES <<< "${BGTRAIN_OVERRIDES:-}"
@@ -70,7 +79,8 @@ log "job $SLURM_JOB_ID restart ${SLURM_RESTART_COUNT:-0}: $NNODES node(s) [$SLUR
 {
     echo "BGTRAIN_CONFIG=$BGTRAIN_CONFIG"
     echo "BGTRAIN_OVERRIDES=${OVERRIDES[*]}"
-    echo "NODES=$SLURM_JOB_NODELIST NNODES=$NNODES NPROC=$NPROC DEVICE=$DEVICE HEAD=$HEAD PORT=$PORT"
+    echo "NODES=$SLURM_JOB_NODELIST NNODES=$NNODES NPROC=$NPROC DEVICE=$DEVICE GPUS_REQUESTED=$GPU_REQUEST" \
+         "HEAD=$HEAD PORT=$PORT"
     echo "RESTART_COUNT=${SLURM_RESTART_COUNT:-0} GIT=$(git rev-parse --short HEAD 2>/dev/null || echo none)"
 } >> "$JOB_DIR/job.env"
 
@@ -92,6 +102,7 @@ if [ "${BGTRAIN_PREFLIGHT:-1}" = 1 ]; then
     rc=$?
     if [ $rc -ne 0 ]; then log "preflight failed (exit code $rc); not training"; exit $rc; fi
 fi
+[ -z "$SIGNAL" ] && prebuild_ops
 
 # One task per node. torchrun ignores SIGUSR1 (its default action would kill it and orphan the
 # workers); the node task forwards USR1/TERM to torchrun's children, the training processes, which

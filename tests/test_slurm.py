@@ -1,6 +1,7 @@
 """A real 2-node Slurm cluster on this machine: sbatch jobs, preflight, training, requeue, teardown."""
 from __future__ import annotations
 
+import json
 import os
 import re
 import socket
@@ -10,6 +11,7 @@ import time
 from pathlib import Path
 
 import pytest
+import yaml
 
 from cluster.local_slurm import SlurmUnavailable, down, is_running, up
 from cluster.slurm_config import ClusterError, ClusterSpec, slurm_env
@@ -33,7 +35,8 @@ def free_base_port(count: int) -> int:
 
 @pytest.fixture(scope="module")
 def cluster(tmp_path_factory) -> ClusterSpec:
-    spec = ClusterSpec(dir=tmp_path_factory.mktemp("slurm-cluster"), nodes=2, port=free_base_port(3))
+    # One counted GPU per node (gres without a device): jobs can ask for it, and no GPU is visible inside them.
+    spec = ClusterSpec(dir=tmp_path_factory.mktemp("slurm-cluster"), nodes=2, port=free_base_port(3), gpus=1)
     try:
         up(spec)
     except SlurmUnavailable as e:
@@ -104,6 +107,7 @@ def test_train_openimages_script_on_two_cpu_nodes(cluster: ClusterSpec, job_env:
     assert rc == 0, batch_log + "".join(p.read_text() for p in run.glob("node*.log"))
     assert "falling back to 2 CPU process(es) per node on gloo" in batch_log
     assert "preflight passed on 2 rank(s)" in batch_log
+    assert "CPU job: no BoostLU extension to prebuild" in batch_log and not list(run.glob("prebuild-node*.log"))
     for node_id, name in ((0, "node1"), (1, "node2")):
         log = (run / f"node{node_id}.log").read_text()
         assert f"[node {node_id} {name}" in log and "torchrun exited with 0" in log
@@ -139,6 +143,56 @@ def test_usr1_before_time_limit_checkpoints_requeues_and_resumes(cluster: Cluste
     assert "SIGUSR1: forwarding to the training processes" in nodes
     assert "restart 1" in nodes and "resumed from" in nodes
     assert '"kind": "test"' in (run / "metrics.jsonl").read_text()
+
+
+def test_gpu_job_prebuilds_the_extension_per_node_and_a_cuda_config_never_trains_on_cpu(
+        cluster: ClusterSpec, job_env: dict, tmp_path: Path) -> None:
+    """--gpus-per-node=1 on nodes whose GPU is only counted: the build runs once per node before torchrun
+    (BGTRAIN_PREBUILD=1 builds the CPU extensions here), then every rank of a device=cuda run stops in one line."""
+    shards = make_shards(tmp_path, job_env)
+    env = {**job_env, "BGTRAIN_CONFIG": str(REPO / "configs" / "smoke.yaml"), "NPROC": "1",
+           "BGTRAIN_PREFLIGHT": "0", "BGTRAIN_PREBUILD": "1", "BGTRAIN_MAX_RESTARTS": "0",
+           "BGTRAIN_OVERRIDES": f"data.shards={shards} data.workers=1 optim.epochs=1 device=cuda"}
+    rc, job = sbatch(["--nodes=2", "--gpus-per-node=1", str(REPO / "slurm" / "train_openimages.sh")], env, tmp_path)
+    run = tmp_path / "runs" / "slurm" / job
+    batch_log = (run / "batch.log").read_text()
+    nodes = "".join(p.read_text() for p in sorted(run.glob("node*.log")))
+    assert rc != 0, batch_log
+    assert "asked Slurm for GPUs (1 per node) but none is visible" in batch_log
+    assert "GPUS_REQUESTED=1" in (run / "job.env").read_text()
+    prebuild = batch_log.index("prebuilding the BoostLU extension on each of 2 node(s)")
+    assert prebuild < batch_log.index("BoostLU extension ready on every node") < batch_log.index("training; per-node")
+    rows = [json.loads(line) for p in sorted(run.glob("prebuild-node*.log")) for line in p.read_text().splitlines()
+            if line.startswith("{")]
+    assert sorted(r["extension"] for r in rows) == ["bgtrain_ap_cpu"] * 2 + ["bgtrain_boostlu_cpu"] * 2, batch_log
+    for node_id in (0, 1):
+        log = (run / f"node{node_id}.log").read_text()
+        assert "bgtrain.train: device=cuda but no GPU is visible" in log, nodes
+    assert not (run / "metrics.jsonl").exists(), "a device=cuda run trained on CPU"
+
+
+def test_reproduce_slurm_asks_for_gpus_and_a_row_without_one_stops(cluster: ClusterSpec, job_env: dict,
+                                                                   tmp_path: Path) -> None:
+    """`reproduce --slurm --gpus-per-node 1`: the job asks Slurm for the GPU, runs device=cuda, and preflight stops
+    it on a node where none is visible instead of training on CPU."""
+    shards = make_shards(tmp_path, job_env)
+    configs = tmp_path / "configs" / "mini"
+    configs.mkdir(parents=True)
+    (configs / "AN.yaml").write_text(yaml.safe_dump({"name": "AN", "model": {"depth": 18},
+                                                     "data": {"image_size": 32, "workers": 0}}))
+    proc = subprocess.run([sys.executable, "-m", "bgtrain.reproduce", "--table", "baselines", "--dataset", "mini",
+                           "--configs", str(configs.parent), "--rows", "AN", "--shards", str(shards), "--out",
+                           str(tmp_path / "out"), "--slurm", "--gpus-per-node", "1", "optim.epochs=1"],
+                          cwd=tmp_path, env=job_env, capture_output=True, text=True, timeout=900)
+    log = (tmp_path / "out" / "AN.log").read_text()
+    assert proc.returncode == 1, proc.stdout[-3000:] + proc.stderr[-3000:] + log
+    flat = " ".join(log.split())
+    assert "asked Slurm for GPUs (1 per node) but none is visible" in flat
+    assert "preflight failed" in flat and "device: cuda" in flat
+    (job_env_file,) = (tmp_path / "runs" / "slurm").glob("*/job.env")
+    recorded = job_env_file.read_text()
+    assert "GPUS_REQUESTED=1" in recorded and "device=cuda" in recorded
+    assert not (tmp_path / "out" / "AN" / "metrics.jsonl").exists()
 
 
 FINAL = {"COMPLETED", "FAILED", "CANCELLED", "TIMEOUT", "NODE_FAIL", "OUT_OF_MEMORY", "GONE"}

@@ -14,11 +14,15 @@ torch's own file lock makes concurrent ranks wait for one build instead of racin
 """
 from __future__ import annotations
 
+import contextlib
 import functools
 import hashlib
 import os
 import re
 import shutil
+import subprocess
+import sys
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 from types import ModuleType
@@ -41,6 +45,7 @@ class BuildInfo:
     name: str
     path: Path
     archs: str
+    reused: bool = False  # the cache already held this build: nothing was compiled
 
 
 def cache_root() -> Path:
@@ -129,6 +134,80 @@ def find_cuda_home() -> str:
                        "(the folder holding bin/nvcc and include/cuda_runtime.h), e.g. CUDA_HOME=/usr/local/cuda")
 
 
+class ToolchainError(RuntimeError):
+    """The CUDA extension cannot be built here; the message is one line naming the cause and the fix."""
+
+
+def nvcc_version(cuda_home: str) -> str:
+    """``major.minor`` of the nvcc under `cuda_home` (``nvcc --version``'s "release X.Y")."""
+    nvcc = Path(cuda_home) / "bin" / "nvcc"
+    try:
+        out = subprocess.run([str(nvcc), "--version"], capture_output=True, text=True, timeout=60).stdout
+    except (OSError, subprocess.SubprocessError) as err:
+        raise ToolchainError(f"cannot run {nvcc} --version: {err}") from err
+    m = re.search(r"release (\d+)\.(\d+)", out)
+    if not m:
+        raise ToolchainError(f"{nvcc} --version does not say which CUDA release it is: {out.strip()[:200]!r}")
+    return f"{m.group(1)}.{m.group(2)}"
+
+
+def check_cuda_toolchain() -> str:
+    """Raise ToolchainError (one line: the cause and the fix) unless the CUDA extension can be built here.
+
+    Checks, in order: torch is a CUDA build, a CUDA toolkit (nvcc) is found, and its major version is torch's
+    (cpp_extension refuses a major mismatch after a long traceback). Returns the toolkit root.
+    """
+    if torch.version.cuda is None:
+        raise ToolchainError(f"torch {torch.__version__} is a CPU-only build (torch.version.cuda is None): install a "
+                             "CUDA build of torch to use the BoostLU CUDA extension")
+    try:
+        home = find_cuda_home()
+    except RuntimeError as err:
+        raise ToolchainError(f"no nvcc: {err}") from err
+    if not (Path(home) / "bin" / "nvcc").is_file():
+        raise ToolchainError(f"no nvcc: {Path(home) / 'bin' / 'nvcc'} does not exist (CUDA_HOME/CUDA_PATH={home}); "
+                             "set CUDA_HOME to the CUDA toolkit root, e.g. /usr/local/cuda")
+    found = nvcc_version(home)
+    if found.split(".")[0] != torch.version.cuda.split(".")[0]:
+        raise ToolchainError(f"CUDA major mismatch: nvcc in {home} is CUDA {found}, torch {torch.__version__} was "
+                             f"built with CUDA {torch.version.cuda}: set CUDA_HOME to a CUDA "
+                             f"{torch.version.cuda.split('.')[0]}.x toolkit")
+    return home
+
+
+def one_line(err: BaseException, limit: int = 300) -> str:
+    """An exception as one line: its type, the first line of its message and, for a compiler's output, the first
+    line that says error."""
+    lines = [ln.strip() for ln in str(err).splitlines() if ln.strip()]
+    if not lines:
+        return type(err).__name__
+    cut = lambda text: text if len(text) <= limit else text[:limit] + "..."  # noqa: E731
+    text = cut(lines[0])
+    cause = next((ln for ln in lines[1:] if re.search(r"\berror\b|\bfatal\b", ln, re.IGNORECASE)), None)
+    return f"{type(err).__name__}: {text}" + (f" ... {cut(cause)}" if cause else "")
+
+
+@contextlib.contextmanager
+def _this_pythons_ninja() -> Iterator[None]:
+    """Put the folder of this Python (a venv's bin/, which holds the `ninja` pip package) first on PATH while
+    cpp_extension runs ninja.
+
+    ninja versions hash build commands differently (1.11 and 1.13 do), so a build made by one looks stale to the
+    other: a process started without the venv on PATH (system ninja) and one started with it (the venv's ninja)
+    rebuilt each other's extension in turn, at whichever step first needed it. One Python, one ninja.
+    """
+    here = Path(sys.executable).parent
+    if not (here / "ninja").is_file():
+        yield
+        return
+    old = os.environ.get("PATH", "")
+    os.environ["PATH"] = os.pathsep.join([str(here), old]) if old else str(here)
+    try:
+        yield
+    finally:
+        os.environ["PATH"] = old
+
+
 def _load(name: str, sources: tuple[str, ...], build_dir: Path, cuda_flags: list[str] | None,
           verbose: bool) -> ModuleType:
     from torch.utils import cpp_extension
@@ -137,22 +216,23 @@ def _load(name: str, sources: tuple[str, ...], build_dir: Path, cuda_flags: list
     kwargs: dict[str, Any] = {}
     if cuda_flags is not None:
         # cpp_extension reads CUDA_HOME once at import and guesses wrong when nvcc is a wrapper; set it for the build.
-        cpp_extension.CUDA_HOME = find_cuda_home()
+        cpp_extension.CUDA_HOME = check_cuda_toolchain()
         kwargs["extra_cuda_cflags"] = ["-O3", *cuda_flags]  # no fast-math: keep IEEE division for exact rounding
-    return cpp_extension.load(
-        name=name,
-        sources=[str(src / s) for s in sources],
-        # at::parallel_for is inlined from ATen's headers and runs serially unless the extension itself is built
-        # with OpenMP; the libgomp it links is the one torch has already loaded (same soname), not a second runtime.
-        extra_cflags=["-O3", "-fopenmp"],
-        extra_ldflags=["-fopenmp"],
-        extra_include_paths=[str(src)],
-        build_directory=str(build_dir),
-        with_cuda=cuda_flags is not None,
-        is_python_module=True,
-        verbose=verbose,
-        **kwargs,
-    )
+    with _this_pythons_ninja():
+        return cpp_extension.load(
+            name=name,
+            sources=[str(src / s) for s in sources],
+            # at::parallel_for is inlined from ATen's headers and runs serially unless the extension itself is built
+            # with OpenMP; the libgomp it links is the one torch has already loaded (same soname), not a second runtime.
+            extra_cflags=["-O3", "-fopenmp"],
+            extra_ldflags=["-fopenmp"],
+            extra_include_paths=[str(src)],
+            build_directory=str(build_dir),
+            with_cuda=cuda_flags is not None,
+            is_python_module=True,
+            verbose=verbose,
+            **kwargs,
+        )
 
 
 _LOADED: dict[str, ModuleType] = {}  # by module name: each extension is built and imported once per process
@@ -215,13 +295,35 @@ def cuda_build_dir(archs: str, root: Path | None = None) -> Path:
     return (root or cache_root()) / tag
 
 
+def _stamp(build_dir: Path, name: str) -> int | None:
+    """The built module's mtime, or None: equal before and after a load means ninja compiled nothing."""
+    so = build_dir / f"{name}.so"
+    return so.stat().st_mtime_ns if so.is_file() else None
+
+
 def build(archs: str | None = None, cpu_only: bool = False, verbose: bool = False) -> list[BuildInfo]:
-    """Build the CPU extensions and, unless cpu_only, the CUDA one now; return where they went."""
-    infos = [BuildInfo(m.__name__, _module_file(m), "cpu") for m in (load_cpu(verbose), load_ap_cpu(verbose))]
+    """Build the CPU extensions and, unless cpu_only, the CUDA one now; return where they went.
+
+    Idempotent: a build already in the cache is loaded, not compiled again (``BuildInfo.reused``). For CUDA the
+    toolchain is checked first (:func:`check_cuda_toolchain`), so a machine that cannot build fails in one line.
+    """
+    resolved = None
     if not cpu_only:
         resolved = resolve_archs(archs)
+        check_cuda_toolchain()
+    infos = []
+    for load, build_dir, name in ((load_cpu, cpu_build_dir(), "bgtrain_boostlu_cpu"),
+                                  (load_ap_cpu, ap_cpu_build_dir(), AP_CPU_NAME)):
+        before = _stamp(build_dir, name)
+        module = load(verbose)
+        infos.append(BuildInfo(module.__name__, _module_file(module), "cpu",
+                               before is not None and before == _stamp(build_dir, name)))
+    if resolved is not None:
+        build_dir, name = cuda_build_dir(resolved), _cuda_name(resolved)
+        before = _stamp(build_dir, name)
         module = load_cuda(resolved, verbose)
-        infos.append(BuildInfo(module.__name__, _module_file(module), resolved))
+        infos.append(BuildInfo(module.__name__, _module_file(module), resolved,
+                               before is not None and before == _stamp(build_dir, name)))
     return infos
 
 
