@@ -3,20 +3,15 @@ moto's S3 (with a rank killed mid-epoch and the node-local cache on) ends exactl
 from __future__ import annotations
 
 import json
-import signal
-import subprocess
 
 import pytest
 
 from bgtrain import storage
-from tests.conftest import REPO
 from tests.servers import FaultProxy, make_bucket, nginx
 from tests.test_train import (  # noqa: F401 - uninterrupted is the local run to compare with (a fixture)
-    MID_EPOCH_2,
     _assert_same_run,
-    _wait_for_checkpoint,
-    _workers,
     run,
+    run_killing_rank_1_mid_epoch,
     torchrun_cmd,
     uninterrupted,
 )
@@ -47,13 +42,7 @@ def test_training_from_s3_with_a_rank_killed_mid_epoch_matches_the_local_run(smo
         if f.is_file():
             storage.upload(f, storage.join("s3://train-shards/smoke", str(f.relative_to(smoke_shards))))
     out = tmp_path / "s3"
-    cmd = torchrun_cmd(out, "s3://train-shards/smoke", [f"data.cache_dir={tmp_path / 'cache'}"])
-    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
-    _wait_for_checkpoint(out, MID_EPOCH_2, proc)
-    victim = next(w for w in _workers(proc) if w.environ().get("LOCAL_RANK") == "1")
-    victim.send_signal(signal.SIGKILL)
-    log, _ = proc.communicate(timeout=1200)
-    assert proc.returncode == 0, log[-3000:]
-    assert "resumed from" in log
+    run_killing_rank_1_mid_epoch(torchrun_cmd(out, "s3://train-shards/smoke",
+                                              [f"data.cache_dir={tmp_path / 'cache'}"]), out)
     assert any((tmp_path / "cache").glob("*.tar")), "the node-local cache was not used"
     _assert_same_run(uninterrupted, out)

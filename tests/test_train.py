@@ -84,16 +84,21 @@ def _assert_same_run(a: Path, b: Path) -> None:
         assert torch.equal(wa[key], wb[key]), f"weights differ at {key}"
 
 
-def test_sigkill_of_one_rank_mid_epoch_restarts_and_matches_uninterrupted(smoke_shards, tmp_path, uninterrupted):
-    out = tmp_path / "killed"
-    proc = subprocess.Popen(torchrun_cmd(out, smoke_shards), cwd=REPO,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+def run_killing_rank_1_mid_epoch(cmd: list[str], out: Path) -> None:
+    """Run ``cmd`` (a torchrun with restarts), SIGKILL local rank 1 at the mid-epoch-2 checkpoint, and check that
+    the restarted run resumed and finished."""
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
     _wait_for_checkpoint(out, MID_EPOCH_2, proc)
     victim = next(w for w in _workers(proc) if w.environ().get("LOCAL_RANK") == "1")
     victim.send_signal(signal.SIGKILL)
     log, _ = proc.communicate(timeout=1200)
     assert proc.returncode == 0, log[-3000:]
     assert "resumed from" in log
+
+
+def test_sigkill_of_one_rank_mid_epoch_restarts_and_matches_uninterrupted(smoke_shards, tmp_path, uninterrupted):
+    out = tmp_path / "killed"
+    run_killing_rank_1_mid_epoch(torchrun_cmd(out, smoke_shards), out)
     _assert_same_run(uninterrupted, out)
 
 
