@@ -105,8 +105,12 @@ def _one_line(url: str, error: BaseException) -> StorageError | FileNotFoundErro
     if isinstance(error, PermissionError) or status in (401, 403):
         return PermissionError(f"{url}: access denied (check the store's credentials: AWS profile or "
                                "environment, gcloud)")
-    said = " ".join(str(error).split()) or type(error).__name__
-    return StorageError(f"{url}: {said}")
+    return StorageError(f"{url}: {_said(error)}")
+
+
+def _said(error: BaseException) -> str:
+    """The error's own words on one line."""
+    return " ".join(str(error).split()) or type(error).__name__
 
 
 def retried(url: str, action: Callable[[], T], retry: Retry = DEFAULT_RETRY) -> T:
@@ -120,7 +124,7 @@ def retried(url: str, action: Callable[[], T], retry: Retry = DEFAULT_RETRY) -> 
                 raise _one_line(url, e) from None
             if time.monotonic() - started + wait > retry.total_s:
                 raise StorageError(f"{url}: still failing after {time.monotonic() - started:.0f} s of retries "
-                                   f"(data.retry_s={retry.total_s:g}); last error: {_one_line(url, e)}") from None
+                                   f"(data.retry_s={retry.total_s:g}); last error: {_said(e)}") from None
             COUNTERS["retries"] += 1
             time.sleep(wait * random.uniform(0.5, 1.0))  # jittered, so ranks do not retry in lockstep
             wait = min(wait * 2, retry.max_s)

@@ -239,7 +239,7 @@ class ShardWriter:
         self._tar.close()
         with open(self._tmp, "rb+") as f:
             os.fsync(f.fileno())
-        _write_dali_index(self.path.with_suffix(".idx"), self._entries)
+        write_dali_index(self.path.with_suffix(".idx"), self._entries)
         os.replace(self._tmp, self.path)
         # bytes: the loader compares it with the tar before reading (a truncated copy is caught early)
         return {"name": self.path.name, "num_samples": self._count, "sha256": sha256_file(self.path),
@@ -250,7 +250,7 @@ class ShardWriter:
         self._tmp.unlink(missing_ok=True)
 
 
-def _write_dali_index(path: Path, entries: list) -> None:
+def write_dali_index(path: Path, entries: list) -> None:
     """Write the index that DALI's wds2idx would write (format v1.2), atomically."""
     samples: dict[str, list] = {}
     for key, ext, offset, size in entries:
@@ -341,6 +341,8 @@ def read_manifest(root: str | os.PathLike) -> dict:
         raise FileNotFoundError(f"{path}: a folder, not a shard manifest") from None
     except json.JSONDecodeError as e:
         raise ShardError(f"{path}: not valid JSON ({e.msg} at line {e.lineno}, column {e.colno})") from None
+    except storage.StorageError as e:  # names the URL already
+        raise ShardError(str(e)) from None
     except (OSError, UnicodeDecodeError) as e:
         raise ShardError(f"{path}: cannot read it ({e})") from None
     if not isinstance(manifest, dict):

@@ -30,7 +30,6 @@ from shards.format import (
     SampleLabels,
     ShardIndex,
     ShardWriter,
-    _write_dali_index,
     decode_labels,
     json_id_tail,
     read_dali_index,
@@ -39,6 +38,7 @@ from shards.format import (
     sample_key,
     sha256_file,
     shard_name,
+    write_dali_index,
     write_json_atomic,
 )
 from shards.manifest import make_manifest
@@ -184,7 +184,7 @@ def place(p: Placement) -> tuple[dict, str, int]:
     if writes is None:
         return _rewrite(p, src if src.exists() else dst), "rewritten", dst.stat().st_size
     keys = [sample_key(p.split, p.first_id + j) for j in range(len(index))]
-    _write_dali_index(dst.with_suffix(".idx"),
+    write_dali_index(dst.with_suffix(".idx"),
                       [(k, ext, off, size) for k, m in zip(keys, index.members) for ext, (off, size) in m.items()])
     entry = {"name": dst.name, "num_samples": len(index), "sha256": sha256_file(dst), "bytes": dst.stat().st_size}
     return entry, "renumbered" if writes else "kept", sum(len(d) for _, d in writes)

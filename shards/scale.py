@@ -196,6 +196,14 @@ def fabricate_parts(out: Path, sizes: dict[str, int], parts: int, workers: int =
         return sum(pool_map(pool, _fabricate_part, tasks))
 
 
+def _add_sizes(parser: argparse.ArgumentParser) -> None:
+    """The set's size, the same flags for every subcommand that makes one."""
+    parser.add_argument("--train", type=int, default=100_000, help="training images (100000)")
+    parser.add_argument("--val", type=int, default=20_000, help="validation images (20000)")
+    parser.add_argument("--test", type=int, default=20_000, help="test images (20000)")
+    parser.add_argument("--classes", type=int, default=5000, help="trainable classes (5000)")
+
+
 def main(argv: list[str] | None = None) -> None:
     """Parse the subcommand and print one JSON line."""
     p = argparse.ArgumentParser(prog="python -m shards.scale", description=__doc__,
@@ -203,10 +211,7 @@ def main(argv: list[str] | None = None) -> None:
     sub = p.add_subparsers(dest="command", required=True)
     m = sub.add_parser("make", help="fabricate an OpenImages v3 raw folder")
     m.add_argument("--out", type=Path, required=True)
-    m.add_argument("--train", type=int, default=100_000)
-    m.add_argument("--val", type=int, default=20_000)
-    m.add_argument("--test", type=int, default=20_000)
-    m.add_argument("--classes", type=int, default=5000)
+    _add_sizes(m)
     m.add_argument("--seed", type=int, default=0)
     m.add_argument("--images", action="store_true", help="also write a tiny JPEG per ImageID (hard links)")
     r = sub.add_parser("read", help="time one part's annotation read and slice")
@@ -221,11 +226,8 @@ def main(argv: list[str] | None = None) -> None:
     b.add_argument("--shard-size", type=int, default=2000)
     f = sub.add_parser("fabricate", help="write the parts of an array build directly, without raw data")
     f.add_argument("--out", type=Path, required=True)
-    f.add_argument("--train", type=int, default=100_000)
-    f.add_argument("--val", type=int, default=20_000)
-    f.add_argument("--test", type=int, default=20_000)
+    _add_sizes(f)
     f.add_argument("--parts", type=int, default=8)
-    f.add_argument("--classes", type=int, default=5000)
     f.add_argument("--shard-size", type=int, default=2000)
     f.add_argument("--workers", type=int, default=os.cpu_count() or 1)
     args = p.parse_args(argv)

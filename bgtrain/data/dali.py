@@ -48,7 +48,7 @@ from bgtrain.data.common import SplitInfo, usable_labels
 from bgtrain.data.plan import EpochPlan, Piece
 from bgtrain.data.ranges import REMOTE_BLOCK
 from bgtrain.data.wds import read_samples
-from shards.format import ShardError, decode_label_rows, pad_label_members
+from shards.format import ShardError, decode_label_rows, pad_label_members, write_dali_index
 
 if TYPE_CHECKING:
     from bgtrain.data import Loader
@@ -63,10 +63,9 @@ def rank_inputs(info: SplitInfo, pieces: tuple[Piece, ...], folder: Path) -> tup
     """
     def one(k: int, piece: Piece) -> tuple[str, str]:
         index = info.open_index(piece.shard)  # checked against the manifest and the tar's size
-        lines = [" ".join(f"{ext} {off} {size} {index.keys[i]}.{ext}" for ext, (off, size) in index.members[i].items())
-                 for i in range(piece.start, piece.stop)]
         idx = folder / f"{k:06d}.idx"
-        idx.write_text(f"v1.2 {len(lines)}\n" + "".join(line + "\n" for line in lines))
+        write_dali_index(idx, [(index.keys[i], ext, off, size) for i in range(piece.start, piece.stop)
+                               for ext, (off, size) in index.members[i].items()])
         tar = info.readable(piece.shard)
         if storage.is_remote(tar):
             tar = _fetch_span(tar, index.span(piece.start, piece.stop), folder / f"{k:06d}.tar", info.retry)
