@@ -55,6 +55,7 @@ def nginx_binary() -> str:
         pytest.skip(f"nginx is not installed and cannot be installed here (needs root and apt-get): "
                     f"apt-get install {NGINX_PACKAGE}")
     env = {**os.environ, "DEBIAN_FRONTEND": "noninteractive"}
+    said = "another test process installed it"
     with open("/tmp/bgtrain-nginx-install.lock", "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)  # pytest-xdist workers: one apt-get at a time (dpkg's own lock fails)
         for cmd in (["apt-get", "install", "-y", "-q", NGINX_PACKAGE], ["apt-get", "update", "-q"],
@@ -62,9 +63,10 @@ def nginx_binary() -> str:
             if shutil.which("nginx", path="/usr/sbin"):
                 break
             done = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=600)
+            said = done.stderr.strip()[-300:]
     found = shutil.which("nginx", path="/usr/sbin")
     if not found:
-        pytest.skip(f"apt-get could not install {NGINX_PACKAGE}: {done.stderr.strip()[-300:]}")  # noqa: F821
+        pytest.skip(f"apt-get could not install {NGINX_PACKAGE}: {said}")
     return found
 
 
