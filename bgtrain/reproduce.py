@@ -38,10 +38,11 @@ TABLES = {
     "inference_only": ["AN_alpha1", "AN_BoostLU_inference"],
     "openimages": ["LL-R", "LL-R_BoostLU", "LL-Ct", "LL-Ct_BoostLU", "LL-Cp", "LL-Cp_BoostLU"],
     "demo": ["full", "AN", "LL-R", "LL-R_BoostLU", "AN_BoostLU_inference"],
+    "paper": ["full", "AN", "LL-R", "LL-R_BoostLU", "AN_BoostLU_inference"],
 }
 # (table, row) -> the row whose best checkpoint this row evaluates again, at its own model.alpha_eval.
 EVAL_ONLY = {("inference_only", "AN_BoostLU_inference"): "AN_alpha1",
-             ("demo", "AN_BoostLU_inference"): "AN"}
+             ("demo", "AN_BoostLU_inference"): "AN", ("paper", "AN_BoostLU_inference"): "AN"}
 # Keys in which an evaluation-only row's config may differ from its source row's.
 # A row whose folder holds an earlier attempt continues it (a finished row is only tested again), so a killed
 # `make demo` or table loses nothing; an explicit checkpoint.resume override still wins, as it comes later.
@@ -298,7 +299,7 @@ def main(argv: list[str] | None = None) -> int:
                              "silently; required when a row's config has device: cuda")
     parser.add_argument("overrides", nargs="*", help="key.sub=value applied to every row, e.g. optim.epochs=1")
     args = parser.parse_args(argv)
-    dataset = args.dataset or {"openimages": "openimages", "demo": "demo"}.get(args.table)
+    dataset = args.dataset or {"openimages": "openimages", "demo": "demo", "paper": "paper"}.get(args.table)
     if dataset is None:
         parser.error("--dataset is required for this table")
     rows = args.rows or TABLES[args.table]

@@ -267,3 +267,76 @@ def test_the_epoch_time_figure_stacks_every_part_of_each_epoch(tiny) -> None:
         assert abs(sum(e[k] for k, _ in figures.TIME_PARTS) - e["epoch_s"]) < 0.01
     png = figures.epoch_time([run])
     assert png is not None and png.startswith(b"\x89PNG")
+
+
+# ----------------------------------------------------------------------------------------------- evaluation-only rows
+
+def evaluation_row(folder: Path, source_run: Path, checkpoint: str | Path | None = None, alpha_eval: float = 1.0,
+                   test_map: float = 12.34) -> Path:
+    """A folder as bgtrain.reproduce.evaluate_checkpoint writes it: results.json naming the evaluated checkpoint (by
+    default source_run's best.pt) and map_test.json, but no config.yaml, metrics.jsonl or checkpoints/."""
+    checkpoint = checkpoint or source_run / "checkpoints" / "best.pt"
+    source = json.loads((source_run / "results.json").read_text())
+    folder.mkdir()
+    results = {"name": folder.name, "scheme": source["scheme"], "alpha_train": source["alpha_train"],
+               "alpha_eval": alpha_eval, "best_epoch": source["best_epoch"], "val_map": source["val_map"],
+               "test_map": test_map, "evaluated_checkpoint": str(checkpoint), "selected_at_alpha": source["alpha_eval"]}
+    (folder / "results.json").write_text(json.dumps(results, indent=1))
+    (folder / "map_test.json").write_text(json.dumps({"all": {"map": test_map}}))
+    return folder
+
+
+def test_an_evaluation_only_row_misses_nothing_and_shows_the_source_checkpoint_at_its_alpha(tiny, tmp_path,
+                                                                                            capsys) -> None:
+    from bgtrain.report.cams import cam_strip
+    source = tiny["run"]
+    best = source / "checkpoints" / "best.pt"
+    source_results = json.loads((source / "results.json").read_text())
+    row = evaluation_row(tmp_path / "LL-R_inference", source, alpha_eval=1.0, test_map=12.34)
+    run = read_run(row)
+    assert run.missing == [] and run.finished
+    assert run.evaluates == best and run.best_checkpoint == best and run.source == "LL-R"
+    assert run.status == f"evaluation of LL-R's checkpoint (epoch {source_results['best_epoch']}) at alpha 1"
+    source_config = read_run(source).config
+    assert run.config["model"] == {**source_config["model"], "alpha_eval": 1.0}
+    assert run.config["data"] == source_config["data"] and source_config["model"]["alpha_eval"] == 5.0
+    assert ll_schedule(run) is None   # an LL-R checkpoint, but this row selects nothing: no k line, none missing
+
+    out = tmp_path / "report.html"
+    assert main([str(source), str(row), "--out", str(out), "--cam-images", "2"]) == 0
+    captured = capsys.readouterr()
+    assert "missing:" not in captured.err and "0 things missing" in captured.out
+    page = parse_report(out)
+    assert len(page.sources) == 6   # the evaluation row adds no figure and breaks none
+    text = " ".join(page.text)
+    assert "Missing" not in text and "12.34" in text
+    assert f"evaluation of LL-R's checkpoint (epoch {source_results['best_epoch']}) at alpha 1" in text
+    assert ("LL-R_inference trains nothing: the best checkpoint of LL-R, selected on validation at alpha 5, "
+            "evaluated on test at alpha 1") in text
+
+    report = build_report([source, row], tmp_path / "again.html", cam_images=0)
+    assert report.missing == []
+    (_, table_row) = report.rows
+    assert table_row["test_map"] == 12.34 and table_row["best_epoch"] == source_results["best_epoch"]
+    assert table_row["val_map"] == source_results["val_map"] and table_row["status"] == run.status
+    cells, labels, _, notes = cam_strip(report.runs, 2, torch.device("cpu"))
+    assert notes == [] and len(cells) == 3 and all(c is not None for c in cells[2])
+    assert labels[1:] == ["LL-R\nLL-R, α 5/5", "LL-R_inference\nLL-R, α 5/1"]   # the source's model, this alpha
+
+
+def test_an_evaluation_row_whose_checkpoint_is_gone_names_that_checkpoint(tiny, tmp_path) -> None:
+    source = tmp_path / "LL-R"
+    shutil.copytree(tiny["run"], source)
+    # reproduce records the path relative to where it ran; the source row beside this one is found from anywhere
+    row = evaluation_row(tmp_path / "LL-R_inference", source, Path("no-such-dir/LL-R/checkpoints/best.pt"))
+    best = source / "checkpoints" / "best.pt"
+    assert read_run(row).best_checkpoint == best and read_run(row).missing == []
+    best.unlink()
+    run = read_run(row)
+    assert run.best_checkpoint is None and run.evaluates == best
+    assert run.status.startswith("evaluation of LL-R's checkpoint") and run.config["model"]["alpha_eval"] == 1.0
+    (line,) = run.missing
+    assert line.startswith(f"{best}: missing; {row} evaluated this checkpoint of LL-R")
+    report = build_report([source, row], tmp_path / "report.html", cam_images=0)
+    assert line in report.missing and f"{best}: missing; this run has no row in the CAM strip" in report.missing
+    assert "Missing" in " ".join(parse_report(tmp_path / "report.html").text)

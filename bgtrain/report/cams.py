@@ -66,8 +66,9 @@ def cam_strip(runs: Sequence, count: int, device: torch.device) -> tuple[list[li
     """The report's CAM strip: (cells, row labels, column labels, notes on what is missing).
 
     Row 0 holds the inputs, then one row per run with a best checkpoint: each image's CAM for the same class (its
-    first true class) under that run's best model, at the run's evaluation alpha. Images and class names come from
-    the validation shards of the first run whose checkpoint and shards can be read."""
+    first true class) under that run's best model, at the run's evaluation alpha (an evaluation-only row: the
+    evaluated checkpoint at the alpha it was evaluated at, not the one stored in the checkpoint). Images and class
+    names come from the validation shards of the first run whose checkpoint and shards can be read."""
     from bgtrain.checkpoint import load_model_for_eval
 
     notes: list[str] = []
@@ -93,13 +94,14 @@ def cam_strip(runs: Sequence, count: int, device: torch.device) -> tuple[list[li
         if model.num_classes != len(names):
             notes.append(f"{run.name}: {model.num_classes} classes, the strip's images have {len(names)}; no CAM row")
             continue
+        alpha = float((run.test or {}).get("alpha_eval", cfg.model.alpha_eval)) if run.evaluates is not None \
+            else cfg.model.alpha_eval
         row: list[np.ndarray | None] = []
         for picture in pictures:
-            overlays, _ = render_overlays(model, picture, names, shown_classes(picture, names, 1),
-                                          cfg.model.alpha_eval, device)
+            overlays, _ = render_overlays(model, picture, names, shown_classes(picture, names, 1), alpha, device)
             row.append(np.asarray(overlays[0][2], dtype=np.uint8))
         rows.append(row)
-        labels.append(f"{run.name}\n{cfg.loss.scheme}, α {cfg.model.alpha_train:g}/{cfg.model.alpha_eval:g}")
+        labels.append(f"{run.name}\n{cfg.loss.scheme}, α {cfg.model.alpha_train:g}/{alpha:g}")
     if not rows:
         if not notes:
             notes.append("no run has checkpoints/best.pt: no CAM strip")

@@ -18,7 +18,7 @@ from pathlib import Path
 import torch
 
 from bgtrain.report import figures, page
-from bgtrain.report.runs import Run, dataset_of, paper_number, read_run
+from bgtrain.report.runs import Run, alpha_text, dataset_of, paper_number, read_run
 
 
 @dataclass
@@ -46,6 +46,19 @@ def table_rows(runs: Sequence[Run], dataset: str | None, table: str | None) -> l
     return rows
 
 
+def evaluation_notes(runs: Sequence[Run]) -> list[str]:
+    """One sentence per evaluation-only row: why it has no curves and whose best epoch and val mAP it shows."""
+    notes = []
+    for run in runs:
+        if run.evaluates is None:
+            continue
+        test = run.test or {}
+        notes.append(f"{run.name} trains nothing: the best checkpoint of {run.source}, selected on validation at "
+                     f"alpha {alpha_text(test.get('selected_at_alpha'))}, evaluated on test at alpha "
+                     f"{alpha_text(test.get('alpha_eval'))} (best epoch and val mAP are {run.source}'s).")
+    return notes
+
+
 def build_figures(runs: Sequence[Run], cam_images: int, device: torch.device) -> tuple[list[page.Figure], list[str]]:
     """Every figure of the report, and notes on what could not be drawn."""
     missing: list[str] = []
@@ -55,7 +68,7 @@ def build_figures(runs: Sequence[Run], cam_images: int, device: torch.device) ->
                        "Dots: entries selected (rejected or corrected) per batch on rank 0, averaged over the "
                        "epoch's logged steps; dashed: the scheme's k per batch from the run's config. Ties at the "
                        "k-th loss can add entries; a short last batch has a smaller k."
-                       if any(r.scheme in ("LL-R", "LL-Ct", "LL-Cp") for r in runs)
+                       if any(r.scheme in ("LL-R", "LL-Ct", "LL-Cp") and r.evaluates is None for r in runs)
                        else "No large-loss run (LL-R, LL-Ct, LL-Cp) among these."),
            page.Figure("Throughput", figures.throughput(runs),
                        "Images per second over all ranks, and the share of each step spent waiting for the loader."),
@@ -81,20 +94,25 @@ def build_figures(runs: Sequence[Run], cam_images: int, device: torch.device) ->
 
 def build_report(run_dirs: Sequence[str | Path], out: str | Path, title: str | None = None,
                  dataset: str | None = None, table: str | None = None, cam_images: int = 4,
-                 device: str | torch.device = "cpu") -> Report:
-    """Read the run folders and write the HTML report; raises FileNotFoundError when a folder does not exist."""
+                 device: str | torch.device = "cpu", lead: Sequence[page.Section] = (),
+                 missing: Sequence[str] = ()) -> Report:
+    """Read the run folders and write the HTML report; raises FileNotFoundError when a folder does not exist.
+
+    ``lead`` sections go before the runs table; ``missing`` adds what the caller found missing to the page's list.
+    """
     runs = [read_run(folder) for folder in run_dirs]
-    missing = [m for run in runs for m in run.missing]
+    missing = [*missing, *(m for run in runs for m in run.missing)]
     figure_list, more = build_figures(runs, cam_images, torch.device(device))
     missing += more
     rows = table_rows(runs, dataset, table)
     datasets = {dataset or dataset_of(run) for run in runs}
     note = ("Paper: test mAP published in Kim et al., CVPR 2023, for the row named like the run on dataset "
-            f"{', '.join(sorted(str(d) for d in datasets))}; – where the paper has no such row.")
+            f"{', '.join(sorted(str(d) for d in datasets))}; – where the paper has no such row."
+            + "".join(f" {line}" for line in evaluation_notes(runs)))
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
     html = page.render(title or f"bgtrain report: {', '.join(r.name for r in runs)}",
-                       [(r.name, str(r.folder)) for r in runs], rows, figure_list, missing, note)
+                       [(r.name, str(r.folder)) for r in runs], rows, figure_list, missing, note, lead)
     out.write_text(html)
     return Report(out, runs, rows, missing)
 

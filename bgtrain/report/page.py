@@ -29,6 +29,14 @@ class Figure:
     note: str = ""
 
 
+@dataclass
+class Section:
+    """A section of ready HTML placed before the runs table (``make paper``'s claims, for instance)."""
+
+    title: str
+    html: str
+
+
 def embedded(png: bytes) -> str:
     """An ``<img>`` holding the PNG itself (data URI), so the report is one file."""
     return f'<img alt="figure" src="data:image/png;base64,{base64.b64encode(png).decode("ascii")}">'
@@ -58,8 +66,8 @@ def table(rows: Sequence[dict]) -> str:
 
 
 def render(title: str, runs: Sequence[tuple[str, str]], rows: Sequence[dict], figures: Sequence[Figure],
-           missing: Sequence[str], table_note: str = "") -> str:
-    """The whole page: runs (name, folder), what is missing, the table, then the figures in order."""
+           missing: Sequence[str], table_note: str = "", lead: Sequence[Section] = ()) -> str:
+    """The whole page: runs (name, folder), what is missing, the lead sections, the table, then the figures."""
     parts = ["<!DOCTYPE html>", '<html lang="en"><head><meta charset="utf-8">',
              f"<title>{escape(title)}</title><style>{STYLE}</style></head><body>", f"<h1>{escape(title)}</h1>",
              "<p>" + " · ".join(f"<b>{escape(name)}</b> <span class=note>{escape(folder)}</span>"
@@ -67,6 +75,8 @@ def render(title: str, runs: Sequence[tuple[str, str]], rows: Sequence[dict], fi
     if missing:
         parts.append('<div class="missing"><b>Missing</b> (the report shows everything else):<ul>'
                      + "".join(f"<li>{escape(m)}</li>" for m in missing) + "</ul></div>")
+    for section in lead:
+        parts += [f"<h2>{escape(section.title)}</h2>", section.html]
     parts += ["<h2>Runs</h2>", table(rows)]
     if table_note:
         parts.append(f'<p class="note">{escape(table_note)}</p>')

@@ -1,7 +1,11 @@
 """What a run folder holds, read without changing it: config, metrics lines, results, best checkpoint, and what
-is missing. Works on finished runs and on runs still writing (a half-written last line is left out and named)."""
+is missing. Works on finished runs and on runs still writing (a half-written last line is left out and named).
+
+An evaluation-only row (``bgtrain.reproduce.EVAL_ONLY``) trains nothing: its folder holds a results.json naming the
+``evaluated_checkpoint`` (another run's best.pt) and no config, metrics or checkpoints of its own, which is complete."""
 from __future__ import annotations
 
+import copy
 import json
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -26,6 +30,8 @@ class Run:
     test: dict | None = None
     best_checkpoint: Path | None = None
     missing: list[str] = field(default_factory=list)
+    evaluates: Path | None = None    # evaluation-only row: the checkpoint its results.json evaluated
+    source: str | None = None        # ... and the name of the run that trained that checkpoint
 
     @property
     def finished(self) -> bool:
@@ -46,6 +52,10 @@ class Run:
 
     @property
     def status(self) -> str:
+        if self.evaluates is not None:
+            test = self.test or {}
+            return (f"evaluation of {self.source}'s checkpoint (epoch {test.get('best_epoch', '?')}) "
+                    f"at alpha {alpha_text(test.get('alpha_eval'))}")
         if self.finished:
             return "finished"
         if self.train:
@@ -61,6 +71,11 @@ class Run:
             if record.get("groups"):
                 return f"val epoch {record.get('epoch')}", record["groups"]
         return None
+
+
+def alpha_text(alpha: object) -> str:
+    """An alpha as the configs write it (5, 1, 0.5); ? when results.json lacks it."""
+    return f"{alpha:g}" if isinstance(alpha, (int, float)) else "?"
 
 
 def read_metrics(path: Path) -> tuple[list[dict], list[str]]:
@@ -90,12 +105,29 @@ def latest_per_step(records: list[dict]) -> list[dict]:
     return sorted(by_step.values(), key=lambda r: (r.get("step") is None, r.get("step") or 0))
 
 
+def read_results(path: Path, missing: list[str]) -> dict | None:
+    """results.json, or None (noted in ``missing`` when it exists but is not a JSON object)."""
+    if not path.is_file():
+        return None
+    try:
+        results = json.loads(path.read_text())
+    except json.JSONDecodeError:
+        results = None
+    if not isinstance(results, dict):
+        missing.append(f"{path}: not valid JSON")
+        return None
+    return results
+
+
 def read_run(folder: str | Path) -> Run:
     """Read a run folder; raises FileNotFoundError only when the folder itself does not exist."""
     folder = Path(folder)
     if not folder.is_dir():
         raise FileNotFoundError(f"{folder}: no such run folder")
     run = Run(folder=folder, name=folder.name)
+    run.test = read_results(folder / "results.json", run.missing)
+    if run.test is not None and run.test.get("evaluated_checkpoint"):
+        return read_evaluation(run)
     config_path = folder / "config.yaml"
     if config_path.is_file():
         try:
@@ -116,12 +148,6 @@ def read_run(folder: str | Path) -> Run:
     run.val = latest_per_step([r for r in records if r.get("kind") == "val"])
     run.epochs = latest_per_step([r for r in records if r.get("kind") == "epoch"])
     tests = [r for r in records if r.get("kind") == "test"]
-    results_path = folder / "results.json"
-    if results_path.is_file():
-        try:
-            run.test = json.loads(results_path.read_text())
-        except json.JSONDecodeError:
-            run.missing.append(f"{results_path}: not valid JSON")
     if run.test is None and tests:
         run.test = tests[-1]
     if run.test is None:
@@ -143,12 +169,46 @@ def read_run(folder: str | Path) -> Run:
     return run
 
 
+def read_evaluation(run: Run) -> Run:
+    """An evaluation-only row (results.json names ``evaluated_checkpoint``): it has no config, metrics or
+    checkpoint of its own, so none is missing; only the evaluated checkpoint can be. Its config is the source
+    run's with this row's ``model.alpha_eval``, so the CAM strip draws the source's best model at this row's alpha
+    and the paper number / shard manifest are found as for a trained row."""
+    test = run.test or {}
+    recorded = Path(str(test["evaluated_checkpoint"]))
+    checkpoint = recorded
+    sibling = run.folder.parent / recorded.parent.parent.name / "checkpoints" / recorded.name
+    if not recorded.is_absolute() and not recorded.exists() and sibling.parent.parent.is_dir():
+        # reproduce records the path relative to the directory it ran in; a report built from another directory
+        # still finds the source row's folder beside this one, as reproduce lays the rows out
+        checkpoint = sibling
+    run.evaluates = checkpoint
+    source_folder = checkpoint.parent.parent
+    source_config: dict = {}
+    try:
+        tree = yaml.safe_load((source_folder / "config.yaml").read_text())
+        source_config = tree if isinstance(tree, dict) else {}
+    except (OSError, yaml.YAMLError):  # without it the CAM strip still reads the config inside the checkpoint
+        pass
+    run.source = str(source_config.get("name") or source_folder.name)
+    run.config = copy.deepcopy(source_config)
+    if run.config and test.get("alpha_eval") is not None:
+        run.config["model"] = {**(run.config.get("model") or {}), "alpha_eval": test["alpha_eval"]}
+    if checkpoint.is_file():
+        run.best_checkpoint = checkpoint
+    else:
+        run.missing.append(f"{checkpoint}: missing; {run.folder} evaluated this checkpoint of {run.source}, "
+                           "so it has no row in the CAM strip")
+    run.name = str(test.get("name") or run.folder.name)
+    return run
+
+
 def ll_schedule(run: Run) -> tuple[list[int], list[int]] | None:
     """(epochs, k per batch) of a large-loss run: how many unknown entries each full batch rejects or corrects.
 
     The per-rank batch ``data.batch_size`` is what k is computed on (each rank selects on its own batch)."""
     scheme = run.scheme
-    if scheme not in LARGE_LOSS_DEFAULT_DELTA:
+    if scheme not in LARGE_LOSS_DEFAULT_DELTA or run.evaluates is not None:  # an evaluation selects nothing
         return None
     loss, data, optim = (run.config.get(key) or {} for key in ("loss", "data", "optim"))
     classes, batch, epochs = run.num_classes, data.get("batch_size"), optim.get("epochs")

@@ -1,0 +1,93 @@
+"""``runs/paper/report.html``: the claims over seeds first, then the usual report of the first seed's runs.
+
+The lead sections are built from :func:`bgtrain.claims.summarise`'s summary only (no run is read twice): the
+claims with their verdicts and margins, the rows' test mAP over seeds, every seed's validation curve of the four
+fine-tuned rows, and the explanation-gap statistics. The rest is :func:`bgtrain.report.cli.build_report` over
+the first seed's row folders (curves, large-loss selection, time, the CAM strip).
+"""
+from __future__ import annotations
+
+from collections.abc import Sequence
+from html import escape
+from pathlib import Path
+
+import numpy as np
+
+from bgtrain.claims import ROWS, TRAINED, margin_text, plus_minus, verdict
+from bgtrain.report import figures, page
+
+
+def html_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """A plain table; cells are escaped text, the first column left-aligned."""
+    out = ["<table>", "<tr>" + "".join(f"<th>{escape(h)}</th>" for h in head) + "</tr>"]
+    out += ["<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in rows]
+    return "\n".join(out + ["</table>"])
+
+
+def claims_section(summary: dict) -> str:
+    rows = []
+    for c in summary["claims"]:
+        rows.append([f"{c['claim']}. {c['text']}", verdict(c["holds"]), margin_text(c), c["rule"]])
+        rows += [[f"   {p['claim']}. {p['text']}", verdict(p["holds"]), f"{plus_minus(p['margin'])} ({p['unit']})",
+                  p["rule"]] for p in c.get("parts", [])]
+    seeds = ", ".join(summary["seeds"])
+    return (f"<p>Seeds {escape(seeds)}. A claim holds when its margin is positive in every seed; margins are mean ± "
+            "sample std over seeds (one seed: no spread).</p>"
+            + html_table(["claim", "verdict", "margin", "rule"], rows))
+
+
+def rows_section(summary: dict) -> str:
+    rows = [[ROWS[row], plus_minus(s), ", ".join("–" if v is None else f"{v:.2f}" for v in s["values"]),
+             f"{s['min']:.2f} – {s['max']:.2f}" if s["n"] else "–"] for row, s in summary["rows"].items()]
+    wall = summary["wall_s"]
+    return (html_table(["row", "test mAP (mean ± std)", "per seed", "min – max"], rows)
+            + f'<p class="note">Wall time: {", ".join(f"{w / 60:.1f}" for w in wall["per_seed"])} min per seed '
+              f'({wall["total"] / 60:.1f} min in all; the first seed includes pretraining the trunk).</p>')
+
+
+def explanation_section(summary: dict) -> str:
+    names = {"AN": "AN (boosted: α 5 at inference only)", "LL-R_BoostLU": "LL-R + BoostLU (boosted: its α 5)"}
+    rows = [[names[row], plus_minus(t["spearman_median"]), plus_minus(t["top5_full"]), plus_minus(t["top5"]),
+             plus_minus(t["top5_boosted"]), plus_minus(t["lower_than_full"]), plus_minus(t["lower_than_full_boosted"])]
+            for row, t in summary["explanation"].items()]
+    return ("<p>Positive (test image, class) pairs, raw CAMs against the Full-label model's (python -m bgtrain.explain "
+            "gap); each cell mean ± std over seeds.</p>"
+            + html_table(["model", "median Spearman ρ", "top-5% Full", "top-5% raw", "top-5% boosted",
+                          "share below Full (raw)", "share below Full (boosted)"], rows))
+
+
+def seed_curves(curves: dict[str, dict[str, list]]) -> bytes | None:
+    """Validation mAP per epoch of the fine-tuned rows: a thin line per seed, the mean over seeds thick."""
+    if not any(curves.values()):
+        return None
+    fig, ax = figures.plt.subplots(figsize=(9, 4.2))
+    for i, row in enumerate(TRAINED):
+        per_seed = [dict(c[row]) for c in curves.values() if c.get(row)]
+        for points in per_seed:
+            ax.plot(list(points), list(points.values()), color=figures.colour(i), alpha=0.35, linewidth=0.8)
+        epochs = sorted(set.intersection(*(set(p) for p in per_seed))) if per_seed else []
+        if epochs:
+            mean = [float(np.mean([p[e] for p in per_seed])) for e in epochs]
+            ax.plot(epochs, mean, color=figures.colour(i), linewidth=2.2,
+                    label=f"{ROWS[row]} (mean of {len(per_seed)} seeds)")
+    ax.set(xlabel="epoch", ylabel="validation mAP", title="validation mAP per epoch, every seed")
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    return figures.to_png(fig)
+
+
+def write_paper_report(root: Path, summary: dict, cam_images: int = 4) -> Path:
+    """Write ``root/report.html``: the claims sections, then the first seed's runs as the usual report."""
+    from bgtrain.report.cli import build_report
+
+    curves = seed_curves(summary["curves"])
+    lead = [page.Section("The paper's claims", claims_section(summary)),
+            page.Section("Test mAP over seeds", rows_section(summary)),
+            page.Section("Validation curves", page.embedded(curves) if curves else "<p>No validation lines yet.</p>"),
+            page.Section("The explanation gap", explanation_section(summary))]
+    first = root / f"seed{summary['seeds'][0]}"
+    out = root / "report.html"
+    build_report([first / row for row in ROWS if (first / row).is_dir()], out,
+                 title="bgtrain: make paper, the paper's claims on synthetic data", dataset="paper", table="paper",
+                 cam_images=cam_images, lead=lead, missing=summary["missing"])
+    return out
