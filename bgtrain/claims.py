@@ -16,8 +16,9 @@ positive in every seed; a claim whose numbers are missing is "not measured", nev
    (b) the median Spearman correlation of AN's and Full's maps is at least 0.5, the same map ranked alike;
    (c) BoostLU at alpha 5 lifts AN's mean top-5% by at least half its gap to Full's.
 
-Writes ``claims.json``, ``claims.md`` and ``report.html`` (the claims, the rows over seeds, the validation curves
-of every seed, the explanation gap, then the usual report of the first seed's runs with its CAM strip).
+Writes ``claims.json``, ``claims.md``, ``curves.png`` and ``report.html`` (the claims, the rows over seeds, the
+validation curves of every seed, the explanation gap, then the usual report of the first seed's runs with its CAM
+strip).
 """
 from __future__ import annotations
 
@@ -70,6 +71,23 @@ def read_seed(folder: Path) -> Seed:
     if table.is_file():
         seed.wall_s += sum(r.get("wall_s") or 0 for r in json.loads(table.read_text()))
     return seed
+
+
+def read_trunk(seeds: Sequence[Seed]) -> dict | None:
+    """The pretrained trunk's quality: validation and test mAP on its single-object set, and how often its CAMs
+    point at the object (``pointing.json``, against chance), from the seed folder that pretrained it."""
+    for seed in seeds:
+        results = seed.folder / "pretrain" / "results.json"
+        if results.is_file():
+            quality = json.loads(results.read_text())
+            trunk = {"folder": str(results.parent), "best_epoch": quality.get("best_epoch"),
+                     "val_map": quality.get("val_map"), "test_map": quality.get("test_map")}
+            pointing = results.parent / "pointing.json"
+            if pointing.is_file():
+                found = json.loads(pointing.read_text())
+                trunk["pointing"] = {k: found.get(k) for k in ("hit_rate", "chance", "pairs", "cam_size")}
+            return trunk
+    return None
 
 
 def find_seeds(root: Path) -> list[Seed]:
@@ -202,8 +220,11 @@ def summarise(root: Path) -> dict:
     missing += [f"{s.folder / 'gap' / GAPS[row]}: no summary.json" for s in seeds for row in GAPS
                 if row not in s.gaps]
     gaps = {row: [s.gaps.get(row) for s in seeds] for row in GAPS}
+    trunk = read_trunk(seeds)
+    if trunk is None:
+        missing.append(f"{root}: no seed folder holds pretrain/results.json (the trunk's quality is not shown)")
     return {"seeds": [s.seed for s in seeds], "rows": rows, "claims": claims, "missing": missing,
-            "explanation": explanation_table(gaps),
+            "explanation": explanation_table(gaps), "trunk": trunk,
             "wall_s": {"per_seed": [round(s.wall_s, 1) for s in seeds],
                        "total": round(sum(s.wall_s for s in seeds), 1)},
             "curves": {s.seed: s.curves for s in seeds}}

@@ -29,6 +29,7 @@ from pathlib import Path
 from rich.console import Console
 from rich.table import Table
 
+from bgtrain import storage
 from bgtrain.config import ConfigError, TrainConfig, load_config, to_dict
 from bgtrain.paper import published
 
@@ -136,7 +137,25 @@ def pretrain(dataset: str, shards: str, out_root: Path, nproc: int, configs: Pat
     results = json.loads((run_dir / "results.json").read_text())
     console.log(f"pretrained trunk {trunk} (val mAP {results['val_map']:.2f} at epoch {results['best_epoch']}, "
                 f"test mAP {results['test_map']:.2f})")
+    localisation = trunk_localisation(run_dir, shards)
+    if localisation:
+        console.log(f"trunk CAMs: the pointing game hits {localisation['hit_rate']:.1f}% of "
+                    f"{localisation['pairs']} test objects (chance {localisation['chance']:.1f}%, CAM "
+                    f"{'x'.join(map(str, localisation['cam_size']))}; {run_dir / 'pointing.json'})")
     return trunk
+
+
+def trunk_localisation(run_dir: Path, shards: str) -> dict | None:
+    """Whether the pretrained model's CAMs point at its objects (bgtrain.explain.pointing), on the pretraining set's
+    test split; None, with nothing written, when those shards record no object positions (not synthetic)."""
+    from bgtrain.explain.pointing import pointing_game
+    from shards.synthetic import OBJECTS_FILE
+
+    if not storage.exists(storage.join(shards, "test", OBJECTS_FILE)):
+        return None
+    result = pointing_game(run_dir / "checkpoints" / "best.pt", shards, "test", device="cpu")
+    (run_dir / "pointing.json").write_text(json.dumps(result, indent=1))
+    return result
 
 
 def train_script() -> Path:

@@ -9,6 +9,8 @@ from __future__ import annotations
 import argparse
 import colorsys
 import io
+import json
+import os
 from pathlib import Path
 from typing import Any
 
@@ -23,6 +25,9 @@ from shards.manifest import make_manifest, train_counts
 SHAPES = ("disc", "square", "triangle", "diamond", "cross", "ring", "hbar", "star")
 TEXTURES = ("solid", "stripes", "checks")
 SPLIT_CODES = {"trainval": 0, "test": 1}
+OBJECTS_FILE = "objects.json"  # per split: where each sample's objects are (bgtrain.explain.pointing reads it)
+OBJECTS_VERSION = 1
+Object = list[float]  # [class, cx, cy, r]: class id, centre and radius in pixels of the rendered image
 
 
 def class_names(num_classes: int) -> list[str]:
@@ -75,6 +80,16 @@ def _texture(texture: str, size: int, period: int) -> np.ndarray:
 
 def render(classes: list[int], size: int, rng: np.random.Generator) -> Image.Image:
     """One image containing one object of each class in ``classes``."""
+    return render_objects(classes, size, rng)[0]
+
+
+def render_objects(classes: list[int], size: int, rng: np.random.Generator) -> tuple[Image.Image, list[Object]]:
+    """``render``'s image and the objects drawn on it, ``[class, cx, cy, r]`` in pixels, in drawing order.
+
+    (cx, cy) is the centre of the shape's box and r its half-side (the shape fits the circle of radius r around
+    the centre); a later object may cover part of an earlier one. The rng draws are exactly ``render``'s.
+    """
+    objects: list[Object] = []
     base = rng.uniform(60, 190, size=3)
     ramp = np.linspace(-30, 30, size)[None, :, None] * rng.uniform(-1, 1, size=3)
     img = np.clip(base + ramp + rng.normal(0, 12, (size, size, 3)), 0, 255)
@@ -92,7 +107,8 @@ def render(classes: list[int], size: int, rng: np.random.Generator) -> Image.Ima
         tex = _texture(texture, size, max(2, size // 24))[..., None] * np.asarray(rgb)
         layer = Image.fromarray(np.clip(tex, 0, 255).astype(np.uint8))
         canvas.paste(layer, (0, 0), mask)
-    return canvas
+        objects.append([int(c), float(cx), float(cy), float(r)])
+    return canvas, objects
 
 
 def _draw_labels(n: int, num_classes: int, max_objects: int, rng: np.random.Generator,
@@ -110,12 +126,25 @@ def _jpeg(img: Image.Image, quality: int) -> bytes:
     return buf.getvalue()
 
 
+def write_objects(path: Path, size: int, objects: dict[str, list[Object]]) -> None:
+    """The split's side file: ``{"version", "size": [w, h], "objects": {sample key: [[class, cx, cy, r], ...]}}``.
+
+    Compact JSON (one line), written atomically: a split of thousands of images stays a small file. The manifest
+    does not list it, so shards built before it existed, and every reader of shards, are unaffected.
+    """
+    doc = {"version": OBJECTS_VERSION, "size": [size, size], "objects": objects}
+    tmp = path.with_name(path.name + ".partial")
+    tmp.write_text(json.dumps(doc, separators=(",", ":"), sort_keys=True))
+    os.replace(tmp, path)
+
+
 def build(out: Path, num_classes: int, n_train: int, n_val: int, n_test: int, size: int, seed: int,
           shard_size: int = 250, max_objects: int = 4, quality: int = 90, label_seed: int = 1200,
           min_objects: int = 1) -> dict:
     """Generate the dataset and write shards plus ``manifest.json`` into ``out``.
 
     Every image holds between ``min_objects`` and ``max_objects`` objects of distinct classes (uniformly drawn).
+    Each split folder also gets ``objects.json`` (``write_objects``): where every sample's objects are drawn.
     """
     if num_classes < 2 or min(n_train, n_test) < 1 or n_val < 0 or size < 16:
         raise ValueError("need classes >= 2, train >= 1, test >= 1, val >= 0 and size >= 16")
@@ -140,19 +169,20 @@ def build(out: Path, num_classes: int, n_train: int, n_val: int, n_test: int, si
             order = rows[np.random.default_rng([seed, len(split)]).permutation(rows.size)]  # pre-shuffled
             task = progress.add_task(f"{split}", total=rows.size)
             (out / split).mkdir(parents=True, exist_ok=True)
-            shards, written = [], []
+            shards, written, objects = [], [], {}
             for start in range(0, order.size, shard_size):
                 writer = ShardWriter(out / split / shard_name(split, start // shard_size))
                 for sid, row in enumerate(order[start: start + shard_size], start=start):
                     img_rng = np.random.default_rng([seed, SPLIT_CODES[pool], int(row)])
                     pos = np.nonzero(full[pool][row] == 1)[0].tolist()
-                    render_img = render(pos, size, img_rng)
+                    render_img, objects[sample_key(split, sid)] = render_objects(pos, size, img_rng)
                     obs = np.nonzero(observed[row] == 1)[0].tolist() if pool == "trainval" else pos
                     labels = SampleLabels(sid, obs_pos=obs, full_pos=pos)
                     writer.write(sample_key(split, sid), _jpeg(render_img, quality), labels, names)
                     written.append(labels)
                     progress.advance(task)
                 shards.append(writer.close())
+            write_objects(out / split / OBJECTS_FILE, size, objects)
             rest = {"observed": -1, "full": 0} if split != "test" else {"observed": 0, "full": 0}
             splits[split] = {"shards": shards, "rest": rest}
             if split == "train":

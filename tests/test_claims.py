@@ -48,7 +48,13 @@ def by_id(summary: dict) -> dict[str, dict]:
 def test_margins_are_paired_per_seed_and_a_claim_holds_only_when_every_seed_agrees(tmp_path):
     for seed, table in enumerate(TABLES):
         write_seed(tmp_path, seed, table, GAP)
+    pretrain = tmp_path / "seed0" / "pretrain"
+    pretrain.mkdir()
+    (pretrain / "results.json").write_text(json.dumps({"best_epoch": 4, "val_map": 99.0, "test_map": 98.5}))
+    (pretrain / "pointing.json").write_text(json.dumps({"hit_rate": 81.0, "chance": 34.4, "pairs": 300,
+                                                        "cam_size": [3, 3], "per_class": {}}))
     summary = claims.summarise(tmp_path)
+    assert summary["trunk"]["val_map"] == 99.0 and summary["trunk"]["pointing"]["hit_rate"] == 81.0
     found = by_id(summary)
     expected = {"1": [t["LL-R_BoostLU"] - t["LL-R"] for t in TABLES], "2": [t["LL-R"] - t["AN"] for t in TABLES],
                 "3": [t["AN_BoostLU_inference"] - t["AN"] for t in TABLES],
@@ -67,7 +73,7 @@ def test_margins_are_paired_per_seed_and_a_claim_holds_only_when_every_seed_agre
         values = [t[row] for t in TABLES]
         assert rows[row]["mean"] == pytest.approx(np.mean(values))
         assert (rows[row]["min"], rows[row]["max"]) == (min(values), max(values))
-    assert summary["wall_s"]["per_seed"] == [300.0] * 3 and summary["missing"] == []
+    assert summary["wall_s"]["per_seed"] == [300.0] * 3 and summary["missing"] == []  # no pretrain/time.json
     assert summary["curves"]["0"]["AN"] == [(1, 78.0), (2, 79.0), (3, 80.0)]
 
 
@@ -101,6 +107,7 @@ def test_a_missing_row_is_not_measured_and_named(tmp_path):
     assert found["3"]["holds"] is True
     assert f"{tmp_path / 'seed1' / 'LL-R'}: no results.json" in summary["missing"]
     assert any("seed1/gap/full_vs_AN" in m for m in summary["missing"])
+    assert any("the trunk's quality is not shown" in m for m in summary["missing"])
     text = claims.markdown(summary["rows"], summary["claims"], claims.find_seeds(tmp_path))
     assert "| 1. LL-R + BoostLU beats LL-R | **not measured** |" in text
     assert "(1 of 2 seeds)" in text

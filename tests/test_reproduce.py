@@ -105,6 +105,11 @@ def test_pretrain_trains_once_exports_the_trunk_and_every_row_starts_from_it(smo
     state = torch.load(trunk, weights_only=True)
     assert "layer4.1.bn2.running_var" in state and not any(k.startswith("fc.") for k in state)
     assert json.loads((out / "pretrain" / "results.json").read_text())["scheme"] == "full"
+    # The trunk's quality is printed with its localisation: the pointing game on the pretraining set's test split.
+    pointing = json.loads((out / "pretrain" / "pointing.json").read_text())
+    objects = json.loads((smoke_shards / "test" / "objects.json").read_text())["objects"]
+    assert pointing["pairs"] == sum(len(drawn) for drawn in objects.values()) and 0 <= pointing["hit_rate"] <= 100
+    assert "the pointing game hits" in proc.stdout
     run_cfg = yaml.safe_load((out / "AN" / "config.yaml").read_text())
     assert run_cfg["model"]["pretrained"] == str(trunk)
     assert "Every row started from the trunk pretrained on" in (out / "demo.md").read_text()

@@ -39,10 +39,17 @@ def claims_section(summary: dict) -> str:
 def rows_section(summary: dict) -> str:
     rows = [[ROWS[row], plus_minus(s), ", ".join("–" if v is None else f"{v:.2f}" for v in s["values"]),
              f"{s['min']:.2f} – {s['max']:.2f}" if s["n"] else "–"] for row, s in summary["rows"].items()]
-    wall = summary["wall_s"]
+    wall, trunk = summary["wall_s"], summary.get("trunk")
+    quality = "" if trunk is None else (
+        f"Every row starts from one trunk pretrained on single-object images: validation mAP {trunk['val_map']:.2f} "
+        f"(test {trunk['test_map']:.2f}) at epoch {trunk['best_epoch']}"
+        + (f"; its CAMs point at the object in {trunk['pointing']['hit_rate']:.1f}% of "
+           f"{trunk['pointing']['pairs']} test images (chance {trunk['pointing']['chance']:.1f}%)"
+           if trunk.get("pointing") else "") + ". ")
+    minutes = ", ".join(f"{w / 60:.1f}" for w in wall["per_seed"])
     return (html_table(["row", "test mAP (mean ± std)", "per seed", "min – max"], rows)
-            + f'<p class="note">Wall time: {", ".join(f"{w / 60:.1f}" for w in wall["per_seed"])} min per seed '
-              f'({wall["total"] / 60:.1f} min in all; the first seed includes pretraining the trunk).</p>')
+            + f'<p class="note">{escape(quality)}Wall time: {minutes} min per seed ({wall["total"] / 60:.1f} min in '
+              "all; the first seed includes pretraining the trunk).</p>")
 
 
 def explanation_section(summary: dict) -> str:
@@ -77,10 +84,12 @@ def seed_curves(curves: dict[str, dict[str, list]]) -> bytes | None:
 
 
 def write_paper_report(root: Path, summary: dict, cam_images: int = 4) -> Path:
-    """Write ``root/report.html``: the claims sections, then the first seed's runs as the usual report."""
+    """Write ``root/report.html`` (and ``root/curves.png``): the claims, then the first seed's runs as usual."""
     from bgtrain.report.cli import build_report
 
     curves = seed_curves(summary["curves"])
+    if curves:
+        (root / "curves.png").write_bytes(curves)  # the same figure as a file, for docs and slides
     lead = [page.Section("The paper's claims", claims_section(summary)),
             page.Section("Test mAP over seeds", rows_section(summary)),
             page.Section("Validation curves", page.embedded(curves) if curves else "<p>No validation lines yet.</p>"),
