@@ -128,8 +128,10 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--title", default=None, help="page title (default: the run names)")
     parser.add_argument("--dataset", default=None,
                         help="dataset of the paper numbers (default: the 'dataset' of each run's shard manifest)")
-    parser.add_argument("--table", default=None, choices=["single_positive", "inference_only", "openimages"],
-                        help="paper table of the rows (default: guessed from the dataset and row name)")
+    parser.add_argument("--table", default=None,
+                        choices=["single_positive", "inference_only", "openimages", "demo", "paper"],
+                        help="paper table of the rows (default: guessed from the dataset and row name; demo and "
+                             "paper have no published numbers)")
     parser.add_argument("--cam-images", type=int, default=4, help="validation images in the CAM strip; 0 = none")
     parser.add_argument("--device", default="cpu", help="device for the CAM strip's models (default cpu)")
     return parser
