@@ -173,42 +173,6 @@ def check_claims(seeds: Sequence[Seed]) -> list[dict]:
             five]
 
 
-def plus_minus(stats: dict, digits: int = 2) -> str:
-    """``mean ± std`` (``mean`` alone for one seed, ``–`` for none, with the count when some are missing)."""
-    if not stats.get("n"):
-        return "–"
-    text = f"{stats['mean']:.{digits}f}" + (f" ± {stats['std']:.{digits}f}" if stats.get("std") is not None else "")
-    return text + (f" ({stats['n']} of {stats['of']} seeds)" if stats["n"] < stats["of"] else "")
-
-
-def verdict(holds: bool | None) -> str:
-    return "not measured" if holds is None else "holds" if holds else "does not hold"
-
-
-def margin_text(c: dict) -> str:
-    if "parts" in c:
-        return "; ".join(f"{p['claim']}: {plus_minus(p['margin'])}" for p in c["parts"])
-    return plus_minus(c["margin"])
-
-
-def markdown(rows: dict[str, dict], claims: list[dict], seeds: Sequence[Seed]) -> str:
-    """The rows over seeds and the claims table as Markdown (claims.md, docs/results.md)."""
-    names = ", ".join(s.seed for s in seeds)
-    lines = [f"Test mAP over seeds {names} (mean ± sample std; every seed's value after the bar):", "",
-             "| row | test mAP | per seed | min – max |", "|---|---|---|---|"]
-    for row, stats in rows.items():
-        per_seed = ", ".join("–" if v is None else f"{v:.2f}" for v in stats["values"])
-        extent = f"{stats['min']:.2f} – {stats['max']:.2f}" if stats["n"] else "–"
-        lines.append(f"| {ROWS[row]} | {plus_minus(stats)} | {per_seed} | {extent} |")
-    lines += ["", "| claim | verdict | margin (mean ± std over seeds) | rule |", "|---|---|---|---|"]
-    for c in claims:
-        lines.append(f"| {c['claim']}. {c['text']} | **{verdict(c['holds'])}** | {margin_text(c)} | {c['rule']} |")
-        for p in c.get("parts", []):
-            lines.append(f"| {p['claim']}. {p['text']} | {verdict(p['holds'])} | {plus_minus(p['margin'])} "
-                         f"({p['unit']}) | {p['rule']} |")
-    return "\n".join(lines) + "\n"
-
-
 def summarise(root: Path) -> dict:
     """Everything claims.json holds, from the seed folders under ``root``."""
     seeds = find_seeds(root)
@@ -223,7 +187,7 @@ def summarise(root: Path) -> dict:
     trunk = read_trunk(seeds)
     if trunk is None:
         missing.append(f"{root}: no seed folder holds pretrain/results.json (the trunk's quality is not shown)")
-    return {"seeds": [s.seed for s in seeds], "rows": rows, "claims": claims, "missing": missing,
+    return {"seeds": [s.seed for s in seeds], "labels": ROWS, "rows": rows, "claims": claims, "missing": missing,
             "explanation": explanation_table(gaps), "trunk": trunk,
             "wall_s": {"per_seed": [round(s.wall_s, 1) for s in seeds],
                        "total": round(sum(s.wall_s for s in seeds), 1)},
@@ -256,11 +220,10 @@ def main(argv: Sequence[str] | None = None) -> int:
     parser.add_argument("--cam-images", type=int, default=4, help="validation images in the report's CAM strip")
     args = parser.parse_args(argv)
     summary = summarise(args.root)
-    seeds = find_seeds(args.root)
-    text = markdown(summary["rows"], summary["claims"], seeds)
+    from bgtrain.report.paper_page import markdown, write_paper_report  # matplotlib only after the numbers
+    text = markdown(summary)
     (args.root / "claims.json").write_text(json.dumps(summary, indent=1))
     (args.root / "claims.md").write_text(text)
-    from bgtrain.report.paper_page import write_paper_report  # matplotlib only once the claims are written
     report = write_paper_report(args.root, summary, args.cam_images)
     print(text)
     for line in summary["missing"]:

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from bgtrain import claims
+from bgtrain.report.paper_page import markdown
 
 ROWS = ("full", "AN", "LL-R", "LL-R_BoostLU", "AN_BoostLU_inference")
 
@@ -108,7 +109,7 @@ def test_a_missing_row_is_not_measured_and_named(tmp_path):
     assert f"{tmp_path / 'seed1' / 'LL-R'}: no results.json" in summary["missing"]
     assert any("seed1/gap/full_vs_AN" in m for m in summary["missing"])
     assert any("the trunk's quality is not shown" in m for m in summary["missing"])
-    text = claims.markdown(summary["rows"], summary["claims"], claims.find_seeds(tmp_path))
+    text = markdown(summary)
     assert "| 1. LL-R + BoostLU beats LL-R | **not measured** |" in text
     assert "(1 of 2 seeds)" in text
 

@@ -41,8 +41,9 @@ DEFAULTS = _flat(to_dict(TrainConfig()))
 
 
 def test_fixture_covers_every_config_outside_demo() -> None:
+    # make demo's and make paper's configs came after the fixture; test_paper_configs_are_the_demo_recipe covers them
     on_disk = {str(p.relative_to(REPO)) for p in (REPO / "configs").rglob("*.yaml")
-               if p.parent.name not in ("demo", "rows")}
+               if p.parent.name not in ("demo", "paper", "rows")}
     assert on_disk == set(FIXTURE)
 
 
@@ -80,6 +81,17 @@ def test_no_two_configs_are_copies() -> None:
         key = json.dumps(own, sort_keys=True)
         assert key not in seen, f"{path.relative_to(REPO)} repeats {seen.get(key)}"
         seen[key] = str(path.relative_to(REPO))
+
+
+def test_paper_configs_are_the_demo_recipe_with_larger_sizes() -> None:
+    """make paper may change only sizes, epochs and pretraining length, never the demo's recipe (issue: no tuning)."""
+    sizes = {"name", "out_dir", "data.shards", "optim.epochs", "model.pretrained"}
+    for path in sorted((REPO / "configs" / "paper").glob("*.yaml")):
+        paper = _flat(to_dict(load_config(path)))
+        demo = _flat(to_dict(load_config(REPO / "configs" / "demo" / path.name)))
+        differ = {key: (demo[key], paper[key]) for key in paper if paper[key] != demo[key]}
+        assert set(differ) <= sizes, f"{path.name}: {differ}"
+        assert paper["optim.epochs"] == (4 if path.stem == "pretrain" else 16)
 
 
 def test_every_paper_row_is_a_dataset_plus_a_row_file() -> None:

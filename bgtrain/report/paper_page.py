@@ -13,8 +13,44 @@ from pathlib import Path
 
 import numpy as np
 
-from bgtrain.claims import ROWS, TRAINED, margin_text, plus_minus, verdict
 from bgtrain.report import figures, page
+
+
+def plus_minus(stats: dict, digits: int = 2) -> str:
+    """``mean ± std`` (``mean`` alone for one seed, ``–`` for none, with the count when some are missing)."""
+    if not stats.get("n"):
+        return "–"
+    text = f"{stats['mean']:.{digits}f}" + (f" ± {stats['std']:.{digits}f}" if stats.get("std") is not None else "")
+    return text + (f" ({stats['n']} of {stats['of']} seeds)" if stats["n"] < stats["of"] else "")
+
+
+def verdict(holds: bool | None) -> str:
+    return "not measured" if holds is None else "holds" if holds else "does not hold"
+
+
+def margin_text(c: dict) -> str:
+    if "parts" in c:
+        return "; ".join(f"{p['claim']}: {plus_minus(p['margin'])}" for p in c["parts"])
+    return plus_minus(c["margin"])
+
+
+def markdown(summary: dict) -> str:
+    """The rows over seeds and the claims table as Markdown (claims.md, docs/results.md)."""
+    rows, claims, labels = summary["rows"], summary["claims"], summary["labels"]
+    names = ", ".join(summary["seeds"])
+    lines = [f"Test mAP over seeds {names} (mean ± sample std; every seed's value after the bar):", "",
+             "| row | test mAP | per seed | min – max |", "|---|---|---|---|"]
+    for row, stats in rows.items():
+        per_seed = ", ".join("–" if v is None else f"{v:.2f}" for v in stats["values"])
+        extent = f"{stats['min']:.2f} – {stats['max']:.2f}" if stats["n"] else "–"
+        lines.append(f"| {labels[row]} | {plus_minus(stats)} | {per_seed} | {extent} |")
+    lines += ["", "| claim | verdict | margin (mean ± std over seeds) | rule |", "|---|---|---|---|"]
+    for c in claims:
+        lines.append(f"| {c['claim']}. {c['text']} | **{verdict(c['holds'])}** | {margin_text(c)} | {c['rule']} |")
+        for p in c.get("parts", []):
+            lines.append(f"| {p['claim']}. {p['text']} | {verdict(p['holds'])} | {plus_minus(p['margin'])} "
+                         f"({p['unit']}) | {p['rule']} |")
+    return "\n".join(lines) + "\n"
 
 
 def html_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -37,7 +73,7 @@ def claims_section(summary: dict) -> str:
 
 
 def rows_section(summary: dict) -> str:
-    rows = [[ROWS[row], plus_minus(s), ", ".join("–" if v is None else f"{v:.2f}" for v in s["values"]),
+    rows = [[summary["labels"][row], plus_minus(s), ", ".join("–" if v is None else f"{v:.2f}" for v in s["values"]),
              f"{s['min']:.2f} – {s['max']:.2f}" if s["n"] else "–"] for row, s in summary["rows"].items()]
     wall, trunk = summary["wall_s"], summary.get("trunk")
     quality = "" if trunk is None else (
@@ -63,12 +99,13 @@ def explanation_section(summary: dict) -> str:
                           "share below Full (raw)", "share below Full (boosted)"], rows))
 
 
-def seed_curves(curves: dict[str, dict[str, list]]) -> bytes | None:
+def seed_curves(curves: dict[str, dict[str, list]], labels: dict[str, str]) -> bytes | None:
     """Validation mAP per epoch of the fine-tuned rows: a thin line per seed, the mean over seeds thick."""
     if not any(curves.values()):
         return None
     fig, ax = figures.plt.subplots(figsize=(9, 4.2))
-    for i, row in enumerate(TRAINED):
+    trained = [row for row in labels if any(c.get(row) for c in curves.values())]
+    for i, row in enumerate(trained):
         per_seed = [dict(c[row]) for c in curves.values() if c.get(row)]
         for points in per_seed:
             ax.plot(list(points), list(points.values()), color=figures.colour(i), alpha=0.35, linewidth=0.8)
@@ -76,7 +113,7 @@ def seed_curves(curves: dict[str, dict[str, list]]) -> bytes | None:
         if epochs:
             mean = [float(np.mean([p[e] for p in per_seed])) for e in epochs]
             ax.plot(epochs, mean, color=figures.colour(i), linewidth=2.2,
-                    label=f"{ROWS[row]} (mean of {len(per_seed)} seeds)")
+                    label=f"{labels[row]} (mean of {len(per_seed)} seeds)")
     ax.set(xlabel="epoch", ylabel="validation mAP", title="validation mAP per epoch, every seed")
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -87,7 +124,7 @@ def write_paper_report(root: Path, summary: dict, cam_images: int = 4) -> Path:
     """Write ``root/report.html`` (and ``root/curves.png``): the claims, then the first seed's runs as usual."""
     from bgtrain.report.cli import build_report
 
-    curves = seed_curves(summary["curves"])
+    curves = seed_curves(summary["curves"], summary["labels"])
     if curves:
         (root / "curves.png").write_bytes(curves)  # the same figure as a file, for docs and slides
     lead = [page.Section("The paper's claims", claims_section(summary)),
@@ -96,7 +133,7 @@ def write_paper_report(root: Path, summary: dict, cam_images: int = 4) -> Path:
             page.Section("The explanation gap", explanation_section(summary))]
     first = root / f"seed{summary['seeds'][0]}"
     out = root / "report.html"
-    build_report([first / row for row in ROWS if (first / row).is_dir()], out,
+    build_report([first / row for row in summary["labels"] if (first / row).is_dir()], out,
                  title="bgtrain: make paper, the paper's claims on synthetic data", dataset="paper", table="paper",
                  cam_images=cam_images, lead=lead, missing=summary["missing"])
     return out
