@@ -65,11 +65,11 @@ def read_seed(folder: Path) -> Seed:
         summary = folder / "gap" / name / "summary.json"
         if summary.is_file():
             seed.gaps[row] = json.loads(summary.read_text())
-    pretraining, table = folder / "pretrain" / "time.json", folder / "paper.json"
-    if pretraining.is_file():  # only the seed that pretrained the trunk the others share
-        seed.wall_s += json.loads(pretraining.read_text())["wall_s"]
-    if table.is_file():
-        seed.wall_s += sum(r.get("wall_s") or 0 for r in json.loads(table.read_text()))
+    # Training time from the runs' own epoch records, not from the last reproduce call: a rerun of a finished seed
+    # only tests its rows again, and its wall time says nothing about their training.
+    for run in ["pretrain", *TRAINED]:  # pretrain: only in the seed that pretrained the trunk the others share
+        if (folder / run / "metrics.jsonl").is_file():
+            seed.wall_s += sum(r.get("epoch_s") or 0.0 for r in read_run(folder / run).epochs)
     return seed
 
 

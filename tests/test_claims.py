@@ -25,14 +25,16 @@ def write_seed(root: Path, seed: int, test: dict[str, float], gap: dict | None, 
         (folder / row).mkdir(parents=True)
         (folder / row / "results.json").write_text(json.dumps({"name": row, "test_map": value}))
         if row != "AN_BoostLU_inference":
-            lines = [{"kind": "val", "epoch": e, "step": 10 * e, "val_map": value - epochs + e}
-                     for e in range(1, epochs + 1)]
+            lines = [record for e in range(1, epochs + 1)
+                     for record in ({"kind": "val", "epoch": e, "step": 10 * e, "val_map": value - epochs + e},
+                                    {"kind": "epoch", "epoch": e, "step": 10 * e, "epoch_s": 20.0})]
             (folder / row / "metrics.jsonl").write_text("".join(json.dumps(r) + "\n" for r in lines))
     for row in ("AN", "LL-R_BoostLU"):
         if gap is not None:
             (folder / "gap" / f"full_vs_{row}").mkdir(parents=True)
             (folder / "gap" / f"full_vs_{row}" / "summary.json").write_text(json.dumps(gap))
-    (folder / "paper.json").write_text(json.dumps([{"row": r, "wall_s": 60.0} for r in test]))
+    # A later reproduce call that only tested the finished rows again: its wall time is not the training time.
+    (folder / "paper.json").write_text(json.dumps([{"row": r, "wall_s": 5.0} for r in test]))
     return folder
 
 
@@ -74,7 +76,8 @@ def test_margins_are_paired_per_seed_and_a_claim_holds_only_when_every_seed_agre
         values = [t[row] for t in TABLES]
         assert rows[row]["mean"] == pytest.approx(np.mean(values))
         assert (rows[row]["min"], rows[row]["max"]) == (min(values), max(values))
-    assert summary["wall_s"]["per_seed"] == [300.0] * 3 and summary["missing"] == []  # no pretrain/time.json
+    assert summary["wall_s"]["per_seed"] == [4 * 3 * 20.0] * 3  # 4 trained rows x 3 epochs; no pretrain/metrics
+    assert summary["missing"] == []
     assert summary["curves"]["0"]["AN"] == [(1, 78.0), (2, 79.0), (3, 80.0)]
 
 

@@ -38,7 +38,7 @@ def markdown(summary: dict) -> str:
     """The rows over seeds and the claims table as Markdown (claims.md, docs/results.md)."""
     rows, claims, labels = summary["rows"], summary["claims"], summary["labels"]
     names = ", ".join(summary["seeds"])
-    lines = [f"Test mAP over seeds {names} (mean ± sample std; every seed's value after the bar):", "",
+    lines = [f"Test mAP over seeds {names} (mean ± sample std over seeds, then each seed's value):", "",
              "| row | test mAP | per seed | min – max |", "|---|---|---|---|"]
     for row, stats in rows.items():
         per_seed = ", ".join("–" if v is None else f"{v:.2f}" for v in stats["values"])
@@ -53,10 +53,13 @@ def markdown(summary: dict) -> str:
     return "\n".join(lines) + "\n"
 
 
-def html_table(head: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """A plain table; cells are escaped text, the first column left-aligned."""
-    out = ["<table>", "<tr>" + "".join(f"<th>{escape(h)}</th>" for h in head) + "</tr>"]
-    out += ["<tr>" + "".join(f"<td>{escape(c)}</td>" for c in row) + "</tr>" for row in rows]
+def html_table(head: Sequence[str], rows: Sequence[Sequence[str]], text: Sequence[int] = ()) -> str:
+    """A plain table of escaped cells: numbers right-aligned, the first column and the ``text`` columns left."""
+    def cell(tag: str, i: int, value: str) -> str:
+        return f'<{tag} class="text">{escape(value)}</{tag}>' if i in text else f"<{tag}>{escape(value)}</{tag}>"
+
+    out = ["<table>", "<tr>" + "".join(cell("th", i, h) for i, h in enumerate(head)) + "</tr>"]
+    out += ["<tr>" + "".join(cell("td", i, c) for i, c in enumerate(row)) + "</tr>" for row in rows]
     return "\n".join(out + ["</table>"])
 
 
@@ -69,7 +72,7 @@ def claims_section(summary: dict) -> str:
     seeds = ", ".join(summary["seeds"])
     return (f"<p>Seeds {escape(seeds)}. A claim holds when its margin is positive in every seed; margins are mean ± "
             "sample std over seeds (one seed: no spread).</p>"
-            + html_table(["claim", "verdict", "margin", "rule"], rows))
+            + html_table(["claim", "verdict", "margin", "rule"], rows, text=(1, 3)))
 
 
 def rows_section(summary: dict) -> str:
@@ -84,8 +87,9 @@ def rows_section(summary: dict) -> str:
            if trunk.get("pointing") else "") + ". ")
     minutes = ", ".join(f"{w / 60:.1f}" for w in wall["per_seed"])
     return (html_table(["row", "test mAP (mean ± std)", "per seed", "min – max"], rows)
-            + f'<p class="note">{escape(quality)}Wall time: {minutes} min per seed ({wall["total"] / 60:.1f} min in '
-              "all; the first seed includes pretraining the trunk).</p>")
+            + f'<p class="note">{escape(quality)}Training time (the epochs of the runs, from their metrics.jsonl): '
+              f'{minutes} min per seed ({wall["total"] / 60:.1f} min in all; the first seed includes pretraining the '
+              "trunk).</p>")
 
 
 def explanation_section(summary: dict) -> str:
