@@ -32,7 +32,7 @@ from PIL import Image, ImageDraw
 from bgtrain.checkpoint import load_model_for_eval
 from bgtrain.data import build_loader
 from bgtrain.distributed import WorldInfo
-from bgtrain.explain.common import class_names_for, load_font
+from bgtrain.explain.common import class_names_for, load_font, valid_rows
 from bgtrain.ops.reference import boostlu as boostlu_reference
 from bgtrain.runlog import RunLogger
 
@@ -191,30 +191,20 @@ def collect_pairs(model_a, model_b, loader, max_images: int | None, progress: Ru
     alpha_a, alpha_b = model_a.alpha_eval, model_b.alpha_eval  # run_gap sets them from --alpha-a/--alpha-b
     parts: list[dict[str, np.ndarray]] = []
     seen = 0
-    total = len(loader) if max_images is None else min(len(loader), math.ceil(max_images / loader.batch_size))
-    task = progress.start("CAM statistics", total=total)
-    for batch in loader:
-        keep = torch.nonzero(batch.valid).flatten()
-        if max_images is not None:
-            keep = keep[: max(0, max_images - seen)]
-        if keep.numel():
-            images = batch.image[keep]
-            cam_a, cam_b = model_a.cam(images).float().cpu(), model_b.cam(images).float().cpu()
-            if cam_a.shape != cam_b.shape:
-                raise ValueError(f"CAM shapes differ: a {tuple(cam_a.shape)}, b {tuple(cam_b.shape)}")
-            labels = batch.labels[keep].cpu()
-            rows, classes = torch.nonzero(labels >= 0, as_tuple=True)  # known labels only (OpenImages has -1)
-            flat_a = cam_a[rows, classes].flatten(1).numpy()
-            flat_b = cam_b[rows, classes].flatten(1).numpy()
-            stats = pair_statistics(flat_a, flat_b, alpha_a, alpha_b)
-            stats.update(sample_id=batch.sample_id[keep].cpu()[rows].numpy(), class_id=classes.numpy(),
-                         positive=(labels[rows, classes] == 1).numpy())
-            parts.append(stats)
-            seen += keep.numel()
-        progress.advance(task, f"{seen} images")
-        if max_images is not None and seen >= max_images:
-            break
-    progress.finish(task)
+    for batch, keep in valid_rows(loader, max_images, progress, "CAM statistics"):
+        images = batch.image[keep]
+        cam_a, cam_b = model_a.cam(images).float().cpu(), model_b.cam(images).float().cpu()
+        if cam_a.shape != cam_b.shape:
+            raise ValueError(f"CAM shapes differ: a {tuple(cam_a.shape)}, b {tuple(cam_b.shape)}")
+        labels = batch.labels[keep].cpu()
+        rows, classes = torch.nonzero(labels >= 0, as_tuple=True)  # known labels only (OpenImages has -1)
+        flat_a = cam_a[rows, classes].flatten(1).numpy()
+        flat_b = cam_b[rows, classes].flatten(1).numpy()
+        stats = pair_statistics(flat_a, flat_b, alpha_a, alpha_b)
+        stats.update(sample_id=batch.sample_id[keep].cpu()[rows].numpy(), class_id=classes.numpy(),
+                     positive=(labels[rows, classes] == 1).numpy())
+        parts.append(stats)
+        seen += keep.numel()
     if not parts:
         raise ValueError("no images to analyse (empty split, or --max-images 0)")
     merged: dict[str, Any] = {k: np.concatenate([p[k] for p in parts]) for k in parts[0]}

@@ -26,7 +26,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import json
-import math
 from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
@@ -38,7 +37,7 @@ from bgtrain import storage
 from bgtrain.checkpoint import load_model_for_eval
 from bgtrain.data import build_loader
 from bgtrain.distributed import WorldInfo
-from bgtrain.explain.common import class_names_for
+from bgtrain.explain.common import class_names_for, valid_rows
 from bgtrain.runlog import RunLogger
 from shards.format import sample_key
 from shards.synthetic import OBJECTS_FILE, OBJECTS_VERSION
@@ -127,28 +126,18 @@ def collect(model, loader, objects: dict[str, list], split: str, image_size: tup
     """Hits, chance and class per (image, positive class) over the loader, plus images seen and the CAM size."""
     hits, chance, class_id = [], [], []
     seen, cam_size = 0, (0, 0)
-    total = len(loader) if max_images is None else min(len(loader), math.ceil(max_images / loader.batch_size))
-    task = progress.start("pointing game", total=total)
-    for batch in loader:
-        keep = torch.nonzero(batch.valid).flatten()
-        if max_images is not None:
-            keep = keep[: max(0, max_images - seen)]
-        if keep.numel():
-            cam = model.cam(batch.image[keep]).float().cpu()
-            cam_size = (int(cam.shape[-2]), int(cam.shape[-1]))
-            rows, classes = torch.nonzero(batch.labels[keep].cpu() == 1, as_tuple=True)
-            ids = batch.sample_id[keep].cpu()[rows].tolist()
-            boxes = [objects_of(objects, split, sid, [c])[0] for sid, c in zip(ids, classes.tolist())]
-            batch_hits, batch_chance = score_pairs(cam[rows, classes].numpy(), np.asarray(boxes).reshape(-1, 3),
-                                                   image_size)
-            hits.append(batch_hits)
-            chance.append(batch_chance)
-            class_id.append(classes.numpy())
-            seen += keep.numel()
-        progress.advance(task, f"{seen} images")
-        if max_images is not None and seen >= max_images:
-            break
-    progress.finish(task)
+    for batch, keep in valid_rows(loader, max_images, progress, "pointing game"):
+        cam = model.cam(batch.image[keep]).float().cpu()
+        cam_size = (int(cam.shape[-2]), int(cam.shape[-1]))
+        rows, classes = torch.nonzero(batch.labels[keep].cpu() == 1, as_tuple=True)
+        ids = batch.sample_id[keep].cpu()[rows].tolist()
+        boxes = [objects_of(objects, split, sid, [c])[0] for sid, c in zip(ids, classes.tolist())]
+        batch_hits, batch_chance = score_pairs(cam[rows, classes].numpy(), np.asarray(boxes).reshape(-1, 3),
+                                               image_size)
+        hits.append(batch_hits)
+        chance.append(batch_chance)
+        class_id.append(classes.numpy())
+        seen += keep.numel()
     if not seen:
         raise ValueError("no images to score (empty split, or --max-images 0)")
     return {"hits": np.concatenate(hits), "chance": np.concatenate(chance), "class_id": np.concatenate(class_id),
